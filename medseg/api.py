@@ -1,0 +1,142 @@
+"""The Python API: run and check workflows, evaluate masks (typed, no printing, no env reading)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.io.volume import Volume
+from medseg.metrics.evaluate import EvaluationSummary, evaluate_case, summarize
+from medseg.runner.contract import ProgressCallback
+from medseg.runner.engine import PlannedStage, Runner, StageEvent, Workspace
+from medseg.runner.spec import ResolvedWorkflow, load_workflow
+from medseg.stages import REGISTRY
+from medseg.tracking.base import Tracker
+
+DEFAULT_WORKSPACE = Path(".medseg")
+
+
+@dataclass(frozen=True)
+class WorkflowResult:
+    """What a workflow run produced.
+
+    Attributes:
+        workflow: the workflow's name.
+        parent_run_id: the MLflow parent run.
+        tracking_uri: where the runs were recorded.
+        metrics: summary metrics of all stages (``eval/seg``, ``eval/iou``, ``eval/dice``...).
+        executed: stages that ran; the others were cache hits.
+        cached: stages reused from the cache.
+        outputs: each stage's output directories in the workspace cache.
+
+    """
+
+    workflow: str
+    parent_run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    executed: list[str]
+    cached: list[str]
+    outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+
+def validate_workflow(path: str | Path) -> ResolvedWorkflow:
+    """Load and check a workflow and its pipeline without running anything.
+
+    Raises:
+        ConfigError: naming the dotted path of the first problem and the closest valid key.
+
+    """
+    return load_workflow(path, REGISTRY)
+
+
+def workflow_status(path: str | Path, *, workspace: str | Path = DEFAULT_WORKSPACE) -> list[PlannedStage]:
+    """For each stage of a workflow: ``cached`` or ``will run`` in ``workspace``."""
+    return Runner(Workspace(Path(workspace))).plan(validate_workflow(path))
+
+
+def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[Tracker, str]:
+    """An MLflow tracker for ``tracking_uri``, or the workspace's embedded SQLite store."""
+    from medseg.tracking.mlflow import MlflowTracker
+
+    if tracking_uri:
+        return MlflowTracker(tracking_uri), tracking_uri
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    uri = workspace.default_tracking_uri
+    return MlflowTracker(uri, artifact_root=workspace.artifact_root), uri
+
+
+def run_workflow(
+    path: str | Path,
+    *,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    tracking_uri: str | None = None,
+    tracker: Tracker | None = None,
+    on_event: StageEvent | None = None,
+    progress: ProgressCallback | None = None,
+) -> WorkflowResult:
+    """Run a workflow file, reusing cached stages, and track it.
+
+    Args:
+        path: the workflow YAML.
+        workspace: folder for the cache, private maps and the embedded MLflow store.
+        tracking_uri: MLflow tracking URI; default: the workflow's ``tracking.uri``, else
+            ``sqlite:///<workspace>/mlflow.db``.
+        tracker: a tracker to use instead of MLflow (``tracking_uri`` is then ignored).
+        on_event: called with ``(stage, message)`` as stages start, hit the cache or end.
+        progress: called with ``(description, completed, total)`` during long steps.
+
+    Raises:
+        ConfigError, DataError, StageError, TrackingError: with a one-line cause and fix.
+
+    """
+    resolved = validate_workflow(path)
+    space = Workspace(Path(workspace).resolve())
+    uri = tracking_uri or resolved.tracking_uri
+    if tracker is None:
+        tracker, uri = make_tracker(uri, space)
+    outcome = Runner(space).run(resolved, tracker, on_event=on_event, progress=progress)
+    return WorkflowResult(
+        workflow=outcome.workflow,
+        parent_run_id=outcome.parent_run_id,
+        tracking_uri=uri or "",
+        metrics=outcome.metrics,
+        executed=outcome.executed,
+        cached=[stage.name for stage in outcome.stages if stage.cache_hit],
+        outputs={stage.name: stage.outputs for stage in outcome.stages},
+    )
+
+
+def evaluate_masks(
+    predictions: Sequence[Volume | np.ndarray], references: Sequence[Volume | np.ndarray]
+) -> EvaluationSummary:
+    """CTC SEG and foreground IoU/Dice of predicted vs reference instance label images.
+
+    Args:
+        predictions: label images (arrays ``(*spatial)`` or label ``Volume``s), one per case.
+        references: reference label images, same count and shapes, same order.
+
+    Raises:
+        DataError: counts or shapes differ.
+
+    """
+    from medseg.errors import DataError
+
+    if len(predictions) != len(references):
+        raise DataError(f"{len(predictions)} predictions but {len(references)} references; pass one per case")
+    cases = []
+    for number, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
+        pred, ref = _labels(prediction), _labels(reference)
+        if pred.shape != ref.shape:
+            raise DataError(
+                f"case {number}: prediction shape {pred.shape} differs from reference {ref.shape}"
+            )
+        cases.append(evaluate_case(f"case_{number + 1:04d}", ref, pred))
+    return summarize(cases)
+
+
+def _labels(item: Volume | np.ndarray) -> np.ndarray:
+    return item.array[0] if isinstance(item, Volume) else np.asarray(item)

@@ -1,0 +1,1 @@
+"""Export: TorchScript module and model card."""

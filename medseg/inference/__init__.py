@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction and instance post-processing."""

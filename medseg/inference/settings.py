@@ -1,0 +1,40 @@
+"""Inference settings stored in a model card (no torch import: config validation uses it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model turns an image into instances; stored in the model card.
+
+    Attributes:
+        roi_size: sliding-window size in voxels (array axis order).
+        overlap: window overlap fraction.
+        min_object_size: smallest instance kept, in voxels.
+        fill_holes: fill enclosed background before labelling components.
+
+    """
+
+    roi_size: tuple[int, ...]
+    overlap: float
+    min_object_size: int
+    fill_holes: bool
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> InferenceSettings:
+        """Read the ``inference`` section of a model card."""
+        section = card["inference"]
+        return cls(
+            roi_size=tuple(int(size) for size in section["roi_size"]),
+            overlap=float(section["overlap"]),
+            min_object_size=int(section["min_object_size"]),
+            fill_holes=bool(section["fill_holes"]),
+        )
+
+    def as_card(self) -> dict[str, Any]:
+        """The ``inference`` section of a model card."""
+        return {**asdict(self), "roi_size": list(self.roi_size)}

@@ -1,0 +1,136 @@
+"""Dataset layouts on disk: discover (image, label) pairs in a source folder.
+
+Supported layouts:
+
+- ``ctc``: the Cell Tracking Challenge layout — frames ``<seq>/t<T>.tif``, instance masks
+  ``<seq>_GT/SEG/man_seg<T>.tif`` and tracking markers ``<seq>_GT/TRA/man_track<T>.tif``.
+  Only frames with a SEG mask are cases.
+- ``paired``: ``images/<name>.<ext>`` with ``labels/<name>.<ext>`` of the same stem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import DataError
+from medseg.io.readers import IMAGE_SUFFIXES, image_suffix
+
+_CTC_FRAME = re.compile(r"^t(\d+)\.tiff?$", re.IGNORECASE)
+_CTC_SEG = re.compile(r"^man_seg(\d+)\.tiff?$", re.IGNORECASE)
+_CTC_TRA = re.compile(r"^man_track(\d+)\.tiff?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SourceCase:
+    """One case found in a source folder.
+
+    ``source_name`` is the case's name relative to the source root; it may identify a
+    patient, so it stays in the workspace's private map and is never logged.
+    """
+
+    source_name: str
+    image: Path
+    label: Path
+    marker: Path | None = None
+
+
+def discover_ctc(root: Path, sequence: str) -> list[SourceCase]:
+    """Return the annotated frames of CTC sequence ``sequence`` under ``root``, by frame number.
+
+    Raises:
+        DataError: the sequence folder or its ``_GT/SEG`` folder is missing.
+
+    """
+    frames_dir = root / sequence
+    seg_dir = root / f"{sequence}_GT" / "SEG"
+    tra_dir = root / f"{sequence}_GT" / "TRA"
+    for folder in (frames_dir, seg_dir):
+        if not folder.is_dir():
+            raise DataError(
+                f"CTC layout: folder '{folder.relative_to(root)}' not found in the data input; "
+                f"expected '{sequence}/t*.tif' and '{sequence}_GT/SEG/man_seg*.tif' "
+                "(set ingest.sequence or ingest.layout)"
+            )
+    frames = _index_by_number(frames_dir, _CTC_FRAME)
+    markers = _index_by_number(tra_dir, _CTC_TRA) if tra_dir.is_dir() else {}
+    cases = []
+    for number, seg_path in sorted(_index_by_number(seg_dir, _CTC_SEG).items()):
+        if number not in frames:
+            raise DataError(
+                f"CTC layout: {seg_path.name} has no frame t{number:03d}.tif in '{sequence}/'; "
+                "add the frame or remove the mask"
+            )
+        cases.append(
+            SourceCase(
+                source_name=f"{sequence}/t{number:03d}",
+                image=frames[number],
+                label=seg_path,
+                marker=markers.get(number),
+            )
+        )
+    return cases
+
+
+def _index_by_number(folder: Path, pattern: re.Pattern[str]) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    for path in folder.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return found
+
+
+def discover_paired(root: Path, images_dir: str, labels_dir: str) -> list[SourceCase]:
+    """Return ``images_dir/<stem>`` files paired with ``labels_dir/<stem>`` label files.
+
+    Raises:
+        DataError: a folder is missing or an image has no label of the same stem.
+
+    """
+    image_root, label_root = root / images_dir, root / labels_dir
+    for folder in (image_root, label_root):
+        if not folder.is_dir():
+            raise DataError(
+                f"paired layout: folder '{folder.name}' not found in the data input; "
+                f"expected '{images_dir}/' and '{labels_dir}/' (set ingest.images_dir/labels_dir)"
+            )
+    labels = {_stem(p): p for p in label_root.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    cases = []
+    for image in sorted(image_root.iterdir()):
+        if image_suffix(image) not in IMAGE_SUFFIXES:
+            continue
+        stem = _stem(image)
+        if stem not in labels:
+            raise DataError(
+                f"paired layout: image '{image.name}' has no label named '{stem}.*' in "
+                f"'{labels_dir}/'; add the label or remove the image"
+            )
+        cases.append(SourceCase(source_name=stem, image=image, label=labels[stem]))
+    return cases
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(image_suffix(path))]
+
+
+def is_fully_annotated(label: np.ndarray, markers: np.ndarray | None) -> bool:
+    """Whether every tracking marker lies on an annotated object.
+
+    CTC SEG masks are often sparse: only some cells are outlined while the TRA markers mark
+    every cell. A frame is fully annotated when each marker touches a SEG object. Without
+    markers the frame is taken as fully annotated.
+
+    Args:
+        label: instance label image, any shape.
+        markers: TRA marker image of the same shape, or ``None``.
+
+    """
+    if markers is None:
+        return True
+    present = np.unique(markers[markers > 0])
+    covered = np.unique(markers[(markers > 0) & (label > 0)])
+    return bool(np.array_equal(present, covered))

@@ -1,0 +1,119 @@
+"""Instance and pixel overlap measures computed from one label overlap table.
+
+Definitions (see DESIGN.md, "Metrics — pin the words"):
+
+- ``seg``: the Cell Tracking Challenge SEG measure. A reference object R is matched to the
+  predicted object S with ``|R∩S| > 0.5·|R|`` (unique by construction); its score is the
+  Jaccard index ``|R∩S| / |R∪S|``, 0 when unmatched. SEG is the mean over all reference
+  objects.
+- ``iou``/``dice``: foreground overlap from tp/fp/fn; NaN when both masks are empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SegScore:
+    """SEG result for one frame/case.
+
+    Attributes:
+        jaccard: per reference object Jaccard index (0 when unmatched), shape ``(n_ref,)``.
+        matched: number of reference objects with a match.
+        false_positives: predicted objects matched by no reference object.
+
+    """
+
+    jaccard: np.ndarray
+    matched: int
+    false_positives: int
+
+    @property
+    def n_reference(self) -> int:
+        """Number of reference objects."""
+        return int(self.jaccard.size)
+
+    @property
+    def seg(self) -> float:
+        """Mean Jaccard over reference objects; NaN when there is none."""
+        return float(self.jaccard.mean()) if self.jaccard.size else float("nan")
+
+
+def overlap_table(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Count voxels per (reference label, predicted label) pair in one pass.
+
+    Args:
+        reference: integer instance labels, any shape; 0 is background.
+        prediction: integer instance labels, same shape.
+
+    Returns:
+        ``(n_ref + 1, n_pred + 1)`` int64 table over the distinct labels in sorted order,
+        row/column 0 being background (present even if absent from the image).
+
+    """
+    if reference.shape != prediction.shape:
+        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
+    ref_ids, ref_index = np.unique(np.concatenate(([0], reference.ravel())), return_inverse=True)
+    pred_ids, pred_index = np.unique(np.concatenate(([0], prediction.ravel())), return_inverse=True)
+    n_pred = pred_ids.size
+    flat = ref_index[1:].astype(np.int64) * n_pred + pred_index[1:]
+    return np.bincount(flat, minlength=ref_ids.size * n_pred).reshape(ref_ids.size, n_pred)
+
+
+def seg_score(reference: np.ndarray, prediction: np.ndarray) -> SegScore:
+    """CTC SEG for one frame or volume of instance labels (2D or 3D).
+
+    Args:
+        reference: integer instance labels (ground truth), 0 is background.
+        prediction: integer instance labels, same shape.
+
+    """
+    table = overlap_table(reference, prediction)
+    objects = table[1:, 1:]
+    ref_size = table[1:, :].sum(axis=1)
+    pred_size = table[:, 1:].sum(axis=0)
+    if objects.size == 0:
+        return SegScore(np.zeros(ref_size.size), 0, int(pred_size.size))
+    match = 2 * objects > ref_size[:, None]
+    best = objects.argmax(axis=1)
+    rows = np.arange(objects.shape[0])
+    has_match = match[rows, best]
+    intersection = objects[rows, best]
+    union = ref_size + pred_size[best] - intersection
+    jaccard = np.where(has_match, intersection / np.maximum(union, 1), 0.0)
+    matched_pred = np.zeros(pred_size.size, dtype=bool)
+    matched_pred[best[has_match]] = True
+    return SegScore(jaccard.astype(np.float64), int(has_match.sum()), int((~matched_pred).sum()))
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Foreground pixel counts of one case: true positives, false positives, false negatives."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def iou(self) -> float:
+        """``tp / (tp + fp + fn)``; NaN when both masks are empty."""
+        denominator = self.tp + self.fp + self.fn
+        return self.tp / denominator if denominator else float("nan")
+
+    @property
+    def dice(self) -> float:
+        """``2 tp / (2 tp + fp + fn)``; NaN when both masks are empty."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator else float("nan")
+
+
+def foreground_overlap(reference: np.ndarray, prediction: np.ndarray) -> Overlap:
+    """Pixel/voxel overlap of the foregrounds (label > 0) of two label images of equal shape."""
+    if reference.shape != prediction.shape:
+        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
+    ref, pred = reference > 0, prediction > 0
+    tp = int(np.count_nonzero(ref & pred))
+    return Overlap(tp=tp, fp=int(np.count_nonzero(pred)) - tp, fn=int(np.count_nonzero(ref)) - tp)

@@ -1,0 +1,83 @@
+"""The stage contract: what a stage declares and what it receives when it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.params import Params
+from medseg.tracking.base import ModelInfo, Tracker
+
+ProgressCallback = Callable[[str, float, float], None]
+"""``progress(description, completed, total)``: report progress of a long step."""
+
+
+def _no_progress(description: str, completed: float, total: float) -> None:
+    del description, completed, total
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use besides its params, inputs and output directories.
+
+    Attributes:
+        stage: the stage's name in the pipeline (``train``).
+        key: this execution's cache key.
+        input_digests: content digest of each named input.
+        seed: the workflow seed; every random choice derives from it.
+        tracker: the tracking backend; ``run_id`` is this stage's nested run.
+        private_dir: workspace folder for data that must never be logged (case → source map).
+        progress: progress callback.
+
+    """
+
+    stage: str
+    key: str
+    input_digests: Mapping[str, str]
+    seed: int
+    tracker: Tracker
+    run_id: str
+    private_dir: Path
+    progress: ProgressCallback = field(default=_no_progress)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics to this stage's run."""
+        self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file or directory to this stage's run."""
+        self.tracker.log_artifact(self.run_id, path, artifact_path)
+
+    def log_model(self, model_dir: Path, **kwargs: Any) -> ModelInfo:
+        """Log an exported model folder to this stage's run (see ``Tracker.log_model``)."""
+        return self.tracker.log_model(self.run_id, model_dir, **kwargs)
+
+
+StageRun = Callable[[StageContext, Any, Mapping[str, Path], Mapping[str, Path]], dict[str, float]]
+"""``run(context, params, inputs, outputs) -> metrics``: inputs and outputs are directories."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage type: name, version, params model, named inputs/outputs and its run function.
+
+    Bump ``version`` on any change of behaviour: it is part of the cache key.
+    ``pure`` is False for stages whose result depends on more than their inputs (a live
+    PACS query); their outputs are still digested so that downstream caching holds.
+    """
+
+    name: str
+    version: int
+    params: type[Params]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    run: StageRun
+    pure: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        """Check that the stage declares at least one output."""
+        if not self.outputs:
+            raise ValueError(f"stage {self.name} must declare at least one output")

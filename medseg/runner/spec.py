@@ -1,0 +1,312 @@
+"""Pipeline and workflow files: parse, validate, resolve.
+
+A *pipeline* (``pipelines/*.yaml``, owned by engineers) declares inputs, stages, how their
+inputs and outputs are wired, and default params. A *workflow* (``workflows/*.yaml``, owned
+by researchers) names a pipeline, binds its inputs to paths (relative to the workflow file)
+and overrides declared params. YAML is data only; any unknown key is an error naming its
+dotted path with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medseg.errors import ConfigError
+from medseg.resources import shipped_dir
+from medseg.runner.contract import Params, StageSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PipelineInput(_Strict):
+    """A declared pipeline input (a path the workflow binds)."""
+
+    description: str = ""
+
+
+class PipelineStage(_Strict):
+    """One stage in a pipeline: its type, wiring and default params.
+
+    ``inputs`` maps the stage type's input names to ``inputs.<name>`` (a pipeline input) or
+    ``<stage>.<output>`` (an upstream stage's output).
+    """
+
+    uses: str
+    inputs: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Pipeline(_Strict):
+    """A pipeline definition."""
+
+    name: str
+    description: str = ""
+    inputs: dict[str, PipelineInput] = Field(default_factory=dict)
+    stages: dict[str, PipelineStage]
+
+
+class TrackingSettings(_Strict):
+    """Where and how a workflow run is tracked."""
+
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class Workflow(_Strict):
+    """A study configuration binding a pipeline to data and params."""
+
+    pipeline: str
+    name: str | None = None
+    description: str = ""
+    seed: int = 0
+    inputs: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A stage ready to run: type, validated params and wiring."""
+
+    name: str
+    spec: StageSpec
+    params: Params
+    inputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ResolvedWorkflow:
+    """A validated workflow with its pipeline: everything a run needs.
+
+    ``input_paths`` are absolute; they stay in the workspace and are never logged.
+    """
+
+    name: str
+    path: Path
+    pipeline: Pipeline
+    seed: int
+    experiment: str
+    tracking_uri: str | None
+    input_paths: dict[str, Path]
+    stages: tuple[ResolvedStage, ...]
+    text: str
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the workflow file's text."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def redacted_text(self) -> str:
+        """The workflow file as YAML with input paths and the tracking URI removed.
+
+        Paths can name patients or sites and URIs can hold credentials: neither is logged.
+        """
+        document = yaml.safe_load(self.text)
+        document["inputs"] = {name: "<path not logged>" for name in document.get("inputs", {})}
+        if isinstance(document.get("tracking"), dict) and "uri" in document["tracking"]:
+            document["tracking"]["uri"] = "<not logged>"
+        return yaml.safe_dump(document, sort_keys=False)
+
+    def resolved_document(self) -> dict[str, Any]:
+        """The resolved workflow as data: pipeline, seed and every stage's full params.
+
+        Input paths are replaced by their names: source paths are never logged.
+        """
+        return {
+            "workflow": self.name,
+            "pipeline": self.pipeline.name,
+            "seed": self.seed,
+            "experiment": self.experiment,
+            "inputs": sorted(self.input_paths),
+            "stages": {
+                stage.name: {
+                    "uses": stage.spec.name,
+                    "version": stage.spec.version,
+                    "inputs": stage.inputs,
+                    "params": stage.params.model_dump(mode="json"),
+                }
+                for stage in self.stages
+            },
+        }
+
+
+def _read_yaml(path: Path, what: str) -> tuple[dict[str, Any], str]:
+    if not path.is_file():
+        raise ConfigError(f"{what} file '{path}' not found; check the path")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path.name}{where}: invalid YAML ({exc}); fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of keys at the top level")
+    return data, text
+
+
+def _closest(key: str, candidates: Sequence[str]) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean '{match[0]}'?"
+    return f"; valid keys: {', '.join(sorted(candidates))}" if candidates else ""
+
+
+def _model_at(model: type[BaseModel], location: Sequence[str | int]) -> type[BaseModel] | None:
+    """Follow ``location`` through nested pydantic models; ``None`` where it leaves them."""
+    current: type[BaseModel] = model
+    for part in location:
+        field = current.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+        else:
+            return None
+    return current
+
+
+def validation_message(error: ValidationError, model: type[BaseModel], prefix: str, source: str) -> str:
+    """One-line message for the first error of ``error``: dotted path, cause, suggestion."""
+    first = error.errors()[0]
+    location = [str(part) for part in first["loc"]]
+    dotted = ".".join([prefix, *location]) if prefix else ".".join(location)
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(model, location[:-1])
+        candidates = list(parent.model_fields) if parent is not None else []
+        return f"{source}: unknown key '{dotted}'{_closest(location[-1], candidates)}"
+    more = f" (+{len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    return f"{source}: '{dotted}': {first['msg']}{more}"
+
+
+def _parse(model: type[_Strict], data: Mapping[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, model, "", source)) from exc
+
+
+def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def find_pipeline(reference: str, workflow_dir: Path) -> Path:
+    """Locate a pipeline: a ``.yaml`` path relative to the workflow, or a shipped name."""
+    if reference.endswith((".yaml", ".yml")):
+        return (workflow_dir / reference).resolve()
+    folder = shipped_dir("pipelines")
+    candidate = folder / f"{reference}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"pipeline '{reference}' not found{_closest(reference, names)}")
+
+
+def load_pipeline(path: Path, registry: Mapping[str, StageSpec]) -> Pipeline:
+    """Parse and check a pipeline file: stage types exist, wiring points at real outputs."""
+    data, _text = _read_yaml(path, "pipeline")
+    pipeline: Pipeline = _parse(Pipeline, data, path.name)
+    produced: dict[str, tuple[str, ...]] = {}
+    for stage_name, stage in pipeline.stages.items():
+        where = f"{path.name}: stages.{stage_name}"
+        if stage.uses not in registry:
+            raise ConfigError(
+                f"{where}.uses: unknown stage type '{stage.uses}'{_closest(stage.uses, list(registry))}"
+            )
+        spec = registry[stage.uses]
+        missing = set(spec.inputs) - set(stage.inputs)
+        if missing:
+            raise ConfigError(f"{where}.inputs: missing {', '.join(sorted(missing))}")
+        for input_name, source in stage.inputs.items():
+            if input_name not in spec.inputs:
+                raise ConfigError(
+                    f"{where}.inputs.{input_name}: not an input of '{spec.name}'"
+                    f"{_closest(input_name, spec.inputs)}"
+                )
+            origin, _, output = source.partition(".")
+            if origin == "inputs":
+                if output not in pipeline.inputs:
+                    raise ConfigError(
+                        f"{where}.inputs.{input_name}: '{source}' is not a declared pipeline input"
+                    )
+            elif origin not in produced or output not in produced[origin]:
+                raise ConfigError(
+                    f"{where}.inputs.{input_name}: '{source}' is not an output of an earlier stage"
+                )
+        produced[stage_name] = spec.outputs
+    return pipeline
+
+
+def load_workflow(path: str | Path, registry: Mapping[str, StageSpec]) -> ResolvedWorkflow:
+    """Load, validate and resolve a workflow file before any work is done.
+
+    Raises:
+        ConfigError: unknown keys (with the dotted path and the closest valid key), invalid
+            values, an unknown pipeline, or an input path that does not exist.
+
+    """
+    path = Path(path).resolve()
+    data, text = _read_yaml(path, "workflow")
+    workflow: Workflow = _parse(Workflow, data, path.name)
+    pipeline = load_pipeline(find_pipeline(workflow.pipeline, path.parent), registry)
+
+    for input_name in workflow.inputs:
+        if input_name not in pipeline.inputs:
+            raise ConfigError(
+                f"{path.name}: unknown key 'inputs.{input_name}'{_closest(input_name, list(pipeline.inputs))}"
+            )
+    input_paths: dict[str, Path] = {}
+    for input_name in pipeline.inputs:
+        if input_name not in workflow.inputs:
+            raise ConfigError(f"{path.name}: 'inputs.{input_name}' is required by pipeline '{pipeline.name}'")
+        bound = (path.parent / workflow.inputs[input_name]).resolve()
+        if not bound.exists():
+            raise ConfigError(
+                f"{path.name}: inputs.{input_name}: path '{workflow.inputs[input_name]}' does not exist "
+                f"(resolved relative to the workflow file to {bound}); fix the path"
+            )
+        input_paths[input_name] = bound
+
+    for stage_name in workflow.params:
+        if stage_name not in pipeline.stages:
+            raise ConfigError(
+                f"{path.name}: unknown key 'params.{stage_name}'{_closest(stage_name, list(pipeline.stages))}"
+            )
+    stages = []
+    for stage_name, stage in pipeline.stages.items():
+        spec = registry[stage.uses]
+        merged = _deep_merge(stage.params, workflow.params.get(stage_name, {}))
+        try:
+            params = spec.params.model_validate(merged)
+        except ValidationError as exc:
+            message = validation_message(exc, spec.params, f"params.{stage_name}", path.name)
+            raise ConfigError(message) from exc
+        stages.append(ResolvedStage(stage_name, spec, params, dict(stage.inputs)))
+
+    name = workflow.name or path.stem
+    return ResolvedWorkflow(
+        name=name,
+        path=path,
+        pipeline=pipeline,
+        seed=workflow.seed,
+        experiment=workflow.tracking.experiment or name,
+        tracking_uri=workflow.tracking.uri,
+        input_paths=input_paths,
+        stages=tuple(stages),
+        text=text,
+    )

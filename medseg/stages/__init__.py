@@ -1,0 +1,10 @@
+"""Stage adapters from the stage contract to the library functions, in an explicit registry."""
+
+from medseg.runner.contract import StageSpec
+from medseg.stages import evaluate, export, ingest, train
+
+REGISTRY: dict[str, StageSpec] = {
+    stage.name: stage for stage in (ingest.STAGE, train.STAGE, evaluate.STAGE, export.STAGE)
+}
+
+__all__ = ["REGISTRY"]

@@ -1,0 +1,42 @@
+"""Ingest stage: source folder → canonical dataset (``dataset`` output)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from medseg.io.ingest import IngestParams, ingest_dataset
+from medseg.runner.contract import StageContext, StageSpec
+
+
+def run(
+    context: StageContext,
+    params: IngestParams,
+    inputs: Mapping[str, Path],
+    outputs: Mapping[str, Path],
+) -> dict[str, float]:
+    """Read, check, normalise and split the cases of the ``source`` input."""
+    index, source_map = ingest_dataset(
+        inputs["source"], params, outputs["dataset"], seed=context.seed, progress=context.progress
+    )
+    context.private_dir.mkdir(parents=True, exist_ok=True)
+    (context.private_dir / f"{context.key}.json").write_text(json.dumps(source_map, indent=2))
+    counts = {name: len(ids) for name, ids in index.splits.items()}
+    full = sum(case.fully_annotated for case in index.cases)
+    return {
+        "ingest/cases": float(len(index.cases)),
+        "ingest/fully_annotated": float(full),
+        **{f"ingest/{name}_cases": float(count) for name, count in counts.items()},
+    }
+
+
+STAGE = StageSpec(
+    name="ingest",
+    version=1,
+    params=IngestParams,
+    inputs=("source",),
+    outputs=("dataset",),
+    run=run,
+    description="read a source folder into the canonical dataset with seeded splits",
+)

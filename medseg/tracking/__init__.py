@@ -1,0 +1,1 @@
+"""Run tracking: the ``Tracker`` protocol and its MLflow implementation."""

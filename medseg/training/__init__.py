@@ -1,0 +1,1 @@
+"""Training: params and the training loop (no stages, caching or MLflow here)."""

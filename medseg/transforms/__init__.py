@@ -1,0 +1,1 @@
+"""MONAI dictionary transform presets built from params."""

@@ -1,0 +1,45 @@
+"""Helpers for end-to-end tests: workflow files in a temp dir, stage spies, MLflow queries."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.stages import REGISTRY
+
+
+def write_workflow(folder: Path, data: Path, *, name: str, params: dict, experiment: str) -> Path:
+    """Write a unet2d workflow binding ``data`` with ``params`` overrides; return its path."""
+    path = folder / f"{name}.yaml"
+    document = {
+        "pipeline": "unet2d",
+        "name": name,
+        "inputs": {"data": str(data)},
+        "params": params,
+        "tracking": {"experiment": experiment},
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def spy_on_stages(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count calls of every registered stage's run function."""
+    calls: Counter[str] = Counter()
+    for name, spec in list(REGISTRY.items()):
+
+        def counted(context, params, inputs, outputs, _run=spec.run, _name=name):
+            calls[_name] += 1
+            return _run(context, params, inputs, outputs)
+
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(spec, run=counted))
+    return calls
+
+
+def child_runs(client, experiment_id: str, parent_id: str) -> dict:
+    """The nested runs of ``parent_id`` keyed by their ``medseg.stage`` tag."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.data.tags["medseg.stage"]: run for run in runs}

@@ -1,0 +1,104 @@
+"""End to end on the phantom: run, cache hits proven by spies, partial rerun, MLflow run tree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+import medseg
+from medseg.demo import write_phantom_ctc
+from tests.integration.helpers import child_runs, spy_on_stages, write_workflow
+
+pytestmark = pytest.mark.integration
+
+FAST_TRAIN = {"epochs": 2, "patch_size": [32, 32], "batch_size": 4, "samples_per_image": 2}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    data = write_phantom_ctc(root / "source-data", frames=10, size=64, seed=5)
+    return root, data
+
+
+def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
+    root, data = study
+    calls = spy_on_stages(monkeypatch)
+    workspace = root / "ws"
+    params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
+    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e")
+
+    first = medseg.run_workflow(workflow, workspace=workspace)
+    assert first.executed == ["ingest", "train", "evaluate", "export"]
+    for key in ("eval/seg", "eval/iou", "eval/dice"):
+        assert 0.0 <= first.metrics[key] <= 1.0
+    assert first.metrics["eval/n_cases"] == 2.0
+
+    second = medseg.run_workflow(workflow, workspace=workspace)
+    assert second.executed == [] and second.cached == first.executed
+    assert calls == {"ingest": 1, "train": 1, "evaluate": 1, "export": 1}
+    assert second.metrics == first.metrics
+
+    changed = write_workflow(
+        root, data, name="phantom", params={**params, "train": {**FAST_TRAIN, "optim": {"lr": 0.01}}},
+        experiment="e2e",
+    )
+    third = medseg.run_workflow(changed, workspace=workspace)
+    assert third.executed == ["train", "evaluate", "export"] and third.cached == ["ingest"]
+    assert calls == {"ingest": 1, "train": 2, "evaluate": 2, "export": 2}
+
+    client = MlflowClient(first.tracking_uri)
+    assert first.tracking_uri == f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
+    experiment = client.get_experiment_by_name("e2e")
+    parents = client.search_runs([experiment.experiment_id], "tags.medseg.workflow = 'phantom'")
+    assert len(parents) == 3 and all(run.info.status == "FINISHED" for run in parents)
+
+    parent = client.get_run(first.parent_run_id)
+    assert parent.data.params["train.optim.lr"] == "0.002"
+    assert parent.data.params["ingest.split.val_fraction"] == "0.2"
+    assert parent.data.metrics["eval/seg"] == pytest.approx(first.metrics["eval/seg"])
+    parent_files = {a.path for a in client.list_artifacts(first.parent_run_id, "workflow")}
+    assert parent_files == {"workflow/resolved.json", "workflow/workflow.yaml"}
+    assert {a.path for a in client.list_artifacts(first.parent_run_id)} >= {"environment.json"}
+
+    children = child_runs(client, experiment.experiment_id, first.parent_run_id)
+    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    assert all(run.data.tags["medseg.cache_hit"] == "false" for run in children.values())
+    loss = client.get_metric_history(children["train"].info.run_id, "train/loss")
+    assert [m.step for m in loss] == [1, 2]
+    assert {"val/dice", "val/seg", "train/lr"} <= set(children["train"].data.metrics)
+    assert {"eval/seg", "eval/iou", "eval/dice"} <= set(children["evaluate"].data.metrics)
+    report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report")}
+    assert {"report/per_case.csv", "report/summary.json", "report/overlays"} <= report
+    models = client.search_logged_models([experiment.experiment_id])
+    assert any(model.source_run_id == children["export"].info.run_id for model in models)
+
+    hits = child_runs(client, experiment.experiment_id, second.parent_run_id)
+    assert all(run.data.tags["medseg.cache_hit"] == "true" for run in hits.values())
+    for stage, run in hits.items():
+        assert run.data.tags["medseg.producer_run_id"] == children[stage].info.run_id
+    assert client.get_run(second.parent_run_id).data.tags["medseg.stages_executed"] == "none"
+
+    # No source path reaches the tracking store (database or artifacts).
+    needle = str(data).encode()
+    for path in workspace.rglob("*"):
+        if path.is_file() and "cache" not in path.parts and "private" not in path.parts:
+            assert needle not in path.read_bytes(), path
+
+
+def test_exported_model_segments_in_source_geometry(study):
+    root, data = study
+    result = medseg.run_workflow(
+        write_workflow(root, data, name="phantom", params={"ingest": {"train_on": "all"}, "train": FAST_TRAIN},
+                       experiment="e2e"),
+        workspace=root / "ws",
+    )
+    segmenter = medseg.Segmenter.from_export(result.outputs["export"]["export"])
+    image = medseg.read_image(data / "01" / "t004.tif")
+    labels = segmenter.predict(image)
+    assert labels.kind == "label" and labels.array.shape == image.array.shape
+    np.testing.assert_array_equal(labels.affine, image.affine)
+    assert labels.array.dtype == np.int32 and labels.array.min() >= 0
+    with pytest.raises(medseg.DataError, match="does not fit the model"):
+        segmenter.predict(np.zeros((1, 8, 8, 8), np.float32))
