@@ -57,6 +57,10 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image") -> Volume:
             f"{path.name}: cannot read image ({type(exc).__name__}: {exc}); "
             "the file is damaged or not a valid image"
         ) from exc
+    if array.size == 0:
+        raise DataError(
+            f"{path.name}: cannot read image (no pixel data found); the file is damaged or not a valid image"
+        )
     if kind == "label":
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
             raise DataError(f"{path.name}: label image has non-integer values; labels must be integers")
@@ -80,6 +84,8 @@ def _read_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _squeeze_2d(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.size == 0:
+        return array
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         array = array[..., :3].mean(axis=-1)
     if array.ndim != 2:

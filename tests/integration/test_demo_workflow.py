@@ -41,7 +41,10 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     assert second.metrics == first.metrics
 
     changed = write_workflow(
-        root, data, name="phantom", params={**params, "train": {**FAST_TRAIN, "optim": {"lr": 0.01}}},
+        root,
+        data,
+        name="phantom",
+        params={**params, "train": {**FAST_TRAIN, "optim": {"lr": 0.01}}},
         experiment="e2e",
     )
     third = medseg.run_workflow(changed, workspace=workspace)
@@ -90,8 +93,13 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
 def test_exported_model_segments_in_source_geometry(study):
     root, data = study
     result = medseg.run_workflow(
-        write_workflow(root, data, name="phantom", params={"ingest": {"train_on": "all"}, "train": FAST_TRAIN},
-                       experiment="e2e"),
+        write_workflow(
+            root,
+            data,
+            name="phantom",
+            params={"ingest": {"train_on": "all"}, "train": FAST_TRAIN},
+            experiment="e2e",
+        ),
         workspace=root / "ws",
     )
     segmenter = medseg.Segmenter.from_export(result.outputs["export"]["export"])

@@ -1,0 +1,56 @@
+"""The command line as users call it: demo, run, status, validate, cache gc."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def medseg(*args, cwd, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "medseg.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def test_demo_then_status_rerun_and_gc(tmp_path):
+    demo = medseg("demo", "--dir", "demo", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    assert "stages executed: ingest, train, evaluate, export" in demo.stderr
+    assert re.search(r"eval/seg\s+│\s+0\.\d{4}", demo.stdout)
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/demo/.medseg/mlflow.db" in demo.stderr
+
+    status = medseg("status", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
+    assert status.returncode == 0 and status.stdout.count("cached") == 4
+
+    rerun = medseg("run", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
+    assert rerun.returncode == 0 and "stages executed: none" in rerun.stderr
+
+    kept = medseg("cache", "gc", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
+    assert "removed 0 cache entries; kept 4" in kept.stderr
+    dropped = medseg("cache", "gc", "--workspace", "demo/.medseg", cwd=tmp_path)
+    assert "removed 4 cache entries" in dropped.stderr
+    status = medseg("status", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
+    assert status.stdout.count("will run") == 4
+
+
+def test_typo_fails_before_any_work(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "w.yaml").write_text(
+        "pipeline: unet2d\ninputs: {data: data}\nparams:\n  train:\n    optim: {lrr: 1}\n"
+    )
+    result = medseg("run", "w.yaml", "--workspace", "ws", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: w.yaml: unknown key 'params.train.optim.lrr'; did you mean 'lr'?"
+    assert not (tmp_path / "ws").exists()
+    assert medseg("validate", "w.yaml", cwd=tmp_path).returncode == 1

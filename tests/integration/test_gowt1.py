@@ -1,0 +1,75 @@
+"""Real Cell Tracking Challenge data (Fluo-N2DH-GOWT1, sequence 01) through the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import medseg
+from tests.conftest import GOWT1, PROJECT, require
+from tests.integration.helpers import child_runs, write_workflow
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
+    data = require(GOWT1)
+    params = {
+        "ingest": {"split": {"val_fraction": 0.25, "test_fraction": 0.25}},
+        "train": {"epochs": 2, "patch_size": [128, 128], "samples_per_image": 2, "batch_size": 4},
+    }
+    workflow = write_workflow(tmp_path, data, name="gowt1-2ep", params=params, experiment="gowt1-test")
+    result = medseg.run_workflow(workflow, workspace=tmp_path / "ws")
+
+    assert result.metrics["ingest/cases"] == 30.0
+    assert result.metrics["ingest/fully_annotated"] == 4.0
+    assert result.metrics["ingest/train_cases"] == 2.0 and result.metrics["ingest/val_cases"] == 1.0
+    assert result.metrics["eval/n_cases"] == 27.0  # 1 fully annotated + 26 sparse frames
+    assert result.metrics["eval/n_overlap_undefined"] == 26.0  # IoU only where fully annotated
+    assert 0.0 <= result.metrics["eval/seg"] <= 1.0
+
+    client = MlflowClient(result.tracking_uri)
+    experiment = client.get_experiment_by_name("gowt1-test")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["medseg.pipeline"] == "unet2d"
+    assert {"eval/seg", "eval/iou", "eval/dice"} <= set(parent.data.metrics)
+    children = child_runs(client, experiment.experiment_id, result.parent_run_id)
+    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["medseg.stage_type"] == stage
+        assert len(run.data.tags["medseg.cache_key"]) == 64
+    assert [m.step for m in client.get_metric_history(children["train"].info.run_id, "val/dice")] == [1, 2]
+    assert children["train"].data.params["optim.lr"] == "0.002"
+
+    cache_dir = result.outputs["ingest"]["dataset"]
+    index = json.loads((cache_dir / "dataset.json").read_text())
+    assert all(case["case_id"].startswith("case_") for case in index["cases"])
+    assert "t021" not in json.dumps(index)  # source names stay in the private map only
+
+
+def test_gowt1_example_as_committed(tmp_path):
+    """The shipped example, run by the CLI exactly as a researcher would."""
+    require(GOWT1)
+    example = PROJECT / "workflows" / "examples" / "gowt1_unet2d.yaml"
+    env = {**os.environ, "MEDSEG_WORKSPACE": str(tmp_path / "ws")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg.cli", "run", str(example)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = next(Path(tmp_path / "ws" / "cache").glob("*/report/summary.json"))
+    metrics = json.loads(summary.read_text())
+    assert metrics["n_cases"] == 27 and metrics["n_reference"] > 50
+    assert metrics["seg"] > 0.45, metrics  # 30 CPU epochs: 0.496 on the development machine
