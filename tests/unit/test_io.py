@@ -106,3 +106,21 @@ def test_splits_are_seeded_and_keep_sparse_cases_in_test():
     assert split != split_cases(ids, trainable, SplitParams(val_fraction=0.25, test_fraction=0.25), seed=1)
     with pytest.raises(DataError, match="only 2 trainable case"):
         split_cases(ids[:2], [True, True], SplitParams(val_fraction=0.5, test_fraction=0.5), seed=0)
+
+
+def test_png_and_paired_layout(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    grey = (np.arange(48).reshape(6, 8) * 5).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "images" / "slide.png")
+    Image.fromarray(np.dstack([grey] * 3)).save(tmp_path / "images" / "rgb.png")
+    labels = (grey > 100).astype(np.uint8)
+    for name in ("slide", "rgb"):
+        Image.fromarray(labels).save(tmp_path / "labels" / f"{name}.png")
+    cases = discover_paired(tmp_path, "images", "labels")
+    assert [case.source_name for case in cases] == ["rgb", "slide"]
+    np.testing.assert_array_equal(read_image(cases[1].image).array[0], grey)
+    np.testing.assert_allclose(read_image(cases[0].image).array[0], grey)  # RGB → grey
+    np.testing.assert_array_equal(read_image(cases[1].label, kind="label").array[0], labels)
