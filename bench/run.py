@@ -11,9 +11,9 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import bench_pipeline
+from bench import bench_pipeline, bench_seg
 
-BENCHMARKS = {"pipeline": bench_pipeline.run}
+BENCHMARKS = {"pipeline": bench_pipeline.run, "seg": bench_seg.run}
 
 
 def machine() -> str:

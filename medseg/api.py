@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medseg.io.volume import Volume
-from medseg.metrics.evaluate import EvaluationSummary, evaluate_case, summarize
+from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
 from medseg.runner.contract import ProgressCallback
 from medseg.runner.engine import PlannedStage, Runner, StageEvent, Workspace
 from medseg.runner.spec import ResolvedWorkflow, load_workflow
@@ -111,31 +113,62 @@ def run_workflow(
 
 
 def evaluate_masks(
-    predictions: Sequence[Volume | np.ndarray], references: Sequence[Volume | np.ndarray]
-) -> EvaluationSummary:
-    """CTC SEG and foreground IoU/Dice of predicted vs reference instance label images.
+    predictions: str | Path | Sequence[Volume | np.ndarray],
+    references: str | Path | Sequence[Volume | np.ndarray],
+    *,
+    surface: bool = True,
+) -> tuple[EvaluationSummary, list[CaseMetrics]]:
+    """CTC SEG, foreground IoU/Dice and HD95/ASSD of predicted vs reference instance labels.
 
     Args:
-        predictions: label images (arrays ``(*spatial)`` or label ``Volume``s), one per case.
-        references: reference label images, same count and shapes, same order.
+        predictions: a folder (CTC RES ``mask<T>.tif``, or NIfTI/TIFF/PNG files) or one
+            label image per case (arrays ``(*spatial)`` or label ``Volume``s).
+        references: a folder (CTC ``*_GT`` or ``SEG`` with ``man_seg<T>.tif``, or files with
+            the same names as the predictions) or label images in the same order.
+        surface: also compute surface distances (mm, from the reference's spacing).
+
+    Returns:
+        The dataset summary and the per-case metrics.
 
     Raises:
-        DataError: counts or shapes differ.
+        DataError: counts, names or shapes differ, or a file is unreadable or not integer.
 
     """
     from medseg.errors import DataError
+    from medseg.io.layouts import pair_masks
+    from medseg.io.readers import read_image
 
-    if len(predictions) != len(references):
-        raise DataError(f"{len(predictions)} predictions but {len(references)} references; pass one per case")
+    pairs: list[tuple[str, Volume | np.ndarray, Volume | np.ndarray, str]] = []
+    if isinstance(predictions, str | Path) and isinstance(references, str | Path):
+        files = pair_masks(Path(predictions), Path(references))
+
+        def read_pair(entry: tuple[str, Path, Path]) -> tuple[str, Volume, Volume, str]:
+            name, pred_path, ref_path = entry
+            pair = (read_image(pred_path, kind="label"), read_image(ref_path, kind="label"))
+            return (name, *pair, f"{pred_path.name} vs {ref_path.name}")
+
+        # Decoding (TIFF, gzip) releases the GIL: read pairs on a few threads, in order.
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            pairs = list(pool.map(read_pair, files))
+    elif isinstance(predictions, str | Path) or isinstance(references, str | Path):
+        raise DataError("pass two folders or two sequences of label images, not one of each")
+    else:
+        if len(predictions) != len(references):
+            raise DataError(
+                f"{len(predictions)} predictions but {len(references)} references; pass one per case"
+            )
+        pairs = [
+            (f"case_{n + 1:04d}", p, r, f"case {n + 1}")
+            for n, (p, r) in enumerate(zip(predictions, references, strict=True))
+        ]
     cases = []
-    for number, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
+    for name, prediction, reference, where in pairs:
         pred, ref = _labels(prediction), _labels(reference)
         if pred.shape != ref.shape:
-            raise DataError(
-                f"case {number}: prediction shape {pred.shape} differs from reference {ref.shape}"
-            )
-        cases.append(evaluate_case(f"case_{number + 1:04d}", ref, pred))
-    return summarize(cases)
+            raise DataError(f"{where}: prediction shape {pred.shape} differs from reference {ref.shape}")
+        spacing = reference.spacing if isinstance(reference, Volume) else None
+        cases.append(evaluate_case(name, ref, pred, spacing=spacing, surface=surface))
+    return summarize(cases), cases
 
 
 def _labels(item: Volume | np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,8 @@ def _errors() -> Iterator[None]:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("mlflow", "alembic", "monai"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -195,6 +198,41 @@ def demo(
         "then open http://127.0.0.1:5000 and the experiment 'medseg-demo'.",
         soft_wrap=True,
     )
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[
+        Path, typer.Argument(help="Folder of predicted label images (CTC RES: mask*.tif).")
+    ],
+    references: Annotated[
+        Path, typer.Argument(help="Folder of reference labels (CTC GT or SEG: man_seg*.tif).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write per_case.csv and summary.json here.")
+    ] = None,
+    surface: Annotated[
+        bool, typer.Option("--surface/--no-surface", help="Compute HD95 and ASSD (mm).")
+    ] = True,
+) -> None:
+    """Score predicted against reference masks: CTC SEG, IoU/Dice, surface distances."""
+    from medseg.api import evaluate_masks
+    from medseg.metrics.report import write_case_table, write_summary
+
+    _quiet_libraries()
+    with _errors():
+        summary, cases = evaluate_masks(predictions, references, surface=surface)
+    table = Table(title=f"{len(cases)} case(s)", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.as_metrics("eval").items():
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_case_table(out / "per_case.csv", cases)
+        write_summary(out / "summary.json", summary)
+        console.print(f"wrote {out}/per_case.csv and summary.json")
 
 
 @cache_app.command("gc")

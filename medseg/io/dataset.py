@@ -28,7 +28,10 @@ SplitName = Literal["train", "val", "test"]
 
 @dataclass(frozen=True)
 class CaseRecord:
-    """One case of a canonical dataset (paths relative to the dataset folder)."""
+    """One case of a canonical dataset (paths relative to the dataset folder).
+
+    ``frame`` is the CTC time-point number, for writing results in the CTC layout.
+    """
 
     case_id: str
     image: str
@@ -36,6 +39,7 @@ class CaseRecord:
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
     fully_annotated: bool = True
+    frame: int | None = None
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,7 @@ def ingest_dataset(
                 shape=image.spatial_shape,
                 spacing=image.spacing,
                 fully_annotated=full,
+                frame=case.frame,
             )
         )
         source_map[case_id] = case.source_name

@@ -29,13 +29,15 @@ class SourceCase:
     """One case found in a source folder.
 
     ``source_name`` is the case's name relative to the source root; it may identify a
-    patient, so it stays in the workspace's private map and is never logged.
+    patient, so it stays in the workspace's private map and is never logged. ``frame`` is
+    the time-point number of a CTC frame (not identifying), kept to write CTC results.
     """
 
     source_name: str
     image: Path
     label: Path
     marker: Path | None = None
+    frame: int | None = None
 
 
 def discover_ctc(root: Path, sequence: str) -> list[SourceCase]:
@@ -70,6 +72,7 @@ def discover_ctc(root: Path, sequence: str) -> list[SourceCase]:
                 image=frames[number],
                 label=seg_path,
                 marker=markers.get(number),
+                frame=number,
             )
         )
     return cases
@@ -134,3 +137,55 @@ def is_fully_annotated(label: np.ndarray, markers: np.ndarray | None) -> bool:
     present = np.unique(markers[markers > 0])
     covered = np.unique(markers[(markers > 0) & (label > 0)])
     return bool(np.array_equal(present, covered))
+
+
+_CTC_RESULT = re.compile(r"^mask(\d+)\.tiff?$", re.IGNORECASE)
+
+
+def ctc_mask_name(frame: int) -> str:
+    """File name of a CTC result mask: ``mask021.tif`` (4 digits past frame 999)."""
+    return f"mask{frame:03d}.tif" if frame < 1000 else f"mask{frame:04d}.tif"
+
+
+def pair_masks(predictions: Path, references: Path) -> list[tuple[str, Path, Path]]:
+    """Pair predicted and reference label files of two folders, by case name.
+
+    CTC layout: ``references`` is a ``*_GT`` folder (or its ``SEG`` folder) with
+    ``man_seg<T>.tif``; ``predictions`` holds ``mask<T>.tif`` (the RES layout). Otherwise:
+    files of the same name stem in both folders (NIfTI, TIFF, PNG).
+
+    Returns:
+        ``(case name, prediction path, reference path)`` sorted by case name.
+
+    Raises:
+        DataError: a folder is missing or empty, or a case lacks its counterpart.
+
+    """
+    for folder, role in ((predictions, "predictions"), (references, "references")):
+        if not folder.is_dir():
+            raise DataError(f"{role} folder '{folder.name}' not found; pass a folder of label images")
+    seg_dir = references / "SEG" if (references / "SEG").is_dir() else references
+    reference_frames = _index_by_number(seg_dir, _CTC_SEG)
+    if reference_frames:
+        results = _index_by_number(predictions, _CTC_RESULT)
+        missing = [ctc_mask_name(t) for t in sorted(reference_frames) if t not in results]
+        if missing:
+            raise DataError(
+                f"CTC results: {len(missing)} reference frame(s) have no result mask, e.g. "
+                f"{', '.join(missing[:3])} missing in '{predictions.name}'; write one mask per frame"
+            )
+        return [(f"t{t:03d}", results[t], reference_frames[t]) for t in sorted(reference_frames)]
+    predicted = {_stem(p): p for p in predictions.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    expected = {_stem(p): p for p in references.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    if not expected:
+        raise DataError(f"no label images in references folder '{references.name}'")
+    for names, where in (
+        (expected.keys() - predicted.keys(), predictions),
+        (predicted.keys() - expected.keys(), references),
+    ):
+        if names:
+            raise DataError(
+                f"{len(names)} case(s) missing in '{where.name}', e.g. {', '.join(sorted(names)[:3])}; "
+                "both folders need the same file names"
+            )
+    return [(name, predicted[name], expected[name]) for name in sorted(expected)]

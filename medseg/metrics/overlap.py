@@ -42,25 +42,43 @@ class SegScore:
         return float(self.jaccard.mean()) if self.jaccard.size else float("nan")
 
 
+_DIRECT_TABLE_LIMIT = 1 << 24
+
+
 def overlap_table(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """Count voxels per (reference label, predicted label) pair in one pass.
+    """Count voxels per (reference label, predicted label) pair in one pass over the voxels.
 
     Args:
-        reference: integer instance labels, any shape; 0 is background.
-        prediction: integer instance labels, same shape.
+        reference: non-negative integer instance labels, any shape; 0 is background.
+        prediction: non-negative integer instance labels, same shape.
 
     Returns:
-        ``(n_ref + 1, n_pred + 1)`` int64 table over the distinct labels in sorted order,
-        row/column 0 being background (present even if absent from the image).
+        ``(n_ref + 1, n_pred + 1)`` int64 table over the labels present, in increasing label
+        order, row/column 0 being background (present even if absent from the image).
 
     """
     if reference.shape != prediction.shape:
         raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
-    ref_ids, ref_index = np.unique(np.concatenate(([0], reference.ravel())), return_inverse=True)
-    pred_ids, pred_index = np.unique(np.concatenate(([0], prediction.ravel())), return_inverse=True)
-    n_pred = pred_ids.size
-    flat = ref_index[1:].astype(np.int64) * n_pred + pred_index[1:]
-    return np.bincount(flat, minlength=ref_ids.size * n_pred).reshape(ref_ids.size, n_pred)
+    ref, pred = reference.ravel(), prediction.ravel()
+    # Background-only voxels (most of a cell image) only add to cell (0, 0): count them apart.
+    objects = (ref != 0) | (pred != 0)
+    background = ref.size - int(np.count_nonzero(objects))
+    ref = ref[objects].astype(np.int64)
+    pred = pred[objects].astype(np.int64)
+    n_ref, n_pred = int(ref.max(initial=0)) + 1, int(pred.max(initial=0)) + 1
+    if n_ref * n_pred <= _DIRECT_TABLE_LIMIT:
+        # Small label values (the usual case): a dense table, then drop absent labels.
+        table = np.bincount(ref * n_pred + pred, minlength=n_ref * n_pred).reshape(n_ref, n_pred)
+        table[0, 0] += background
+        rows = np.union1d([0], np.flatnonzero(table.any(axis=1)))
+        columns = np.union1d([0], np.flatnonzero(table.any(axis=0)))
+        return table[np.ix_(rows, columns)]
+    ref_ids, ref_index = np.unique(np.concatenate(([0], ref)), return_inverse=True)
+    pred_ids, pred_index = np.unique(np.concatenate(([0], pred)), return_inverse=True)
+    flat = ref_index[1:] * pred_ids.size + pred_index[1:]
+    table = np.bincount(flat, minlength=ref_ids.size * pred_ids.size).reshape(ref_ids.size, pred_ids.size)
+    table[0, 0] += background
+    return table
 
 
 def seg_score(reference: np.ndarray, prediction: np.ndarray) -> SegScore:
@@ -71,7 +89,11 @@ def seg_score(reference: np.ndarray, prediction: np.ndarray) -> SegScore:
         prediction: integer instance labels, same shape.
 
     """
-    table = overlap_table(reference, prediction)
+    return seg_from_table(overlap_table(reference, prediction))
+
+
+def seg_from_table(table: np.ndarray) -> SegScore:
+    """CTC SEG from an overlap table (see :func:`overlap_table`)."""
     objects = table[1:, 1:]
     ref_size = table[1:, :].sum(axis=1)
     pred_size = table[:, 1:].sum(axis=0)
@@ -110,10 +132,6 @@ class Overlap:
         return 2 * self.tp / denominator if denominator else float("nan")
 
 
-def foreground_overlap(reference: np.ndarray, prediction: np.ndarray) -> Overlap:
-    """Pixel/voxel overlap of the foregrounds (label > 0) of two label images of equal shape."""
-    if reference.shape != prediction.shape:
-        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
-    ref, pred = reference > 0, prediction > 0
-    tp = int(np.count_nonzero(ref & pred))
-    return Overlap(tp=tp, fp=int(np.count_nonzero(pred)) - tp, fn=int(np.count_nonzero(ref)) - tp)
+def foreground_from_table(table: np.ndarray) -> Overlap:
+    """Foreground (label > 0) overlap from an instance overlap table, without another pass."""
+    return Overlap(tp=int(table[1:, 1:].sum()), fp=int(table[0, 1:].sum()), fn=int(table[1:, 0].sum()))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -69,3 +71,81 @@ def write_overlay(
     picture = Image.fromarray(rgb)
     ImageDraw.Draw(picture).text((4, 4), title, fill=(255, 255, 0))
     picture.save(path)
+
+
+def _svg_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str]) -> str:
+    """Inline SVG line chart of per-epoch metrics (each series scaled to its own range)."""
+    width, height, pad = 640, 220, 30
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    epochs = [row["epoch"] for row in history]
+    parts = [
+        f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+        f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>',
+    ]
+    for index, key in enumerate(k for k in keys if any(k in row for row in history)):
+        points = [(row["epoch"], row[key]) for row in history if key in row and not math.isnan(row[key])]
+        if not points:
+            continue
+        low, high = min(v for _, v in points), max(v for _, v in points)
+        span, first, last = (high - low) or 1.0, min(epochs), max(epochs)
+        coords = " ".join(
+            f"{pad + (e - first) / max(last - first, 1) * (width - 2 * pad):.1f},"
+            f"{height - pad - (v - low) / span * (height - 2 * pad):.1f}"
+            for e, v in points
+        )
+        colour = colours[index % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
+        parts.append(
+            f'<text x="{pad + index * 150}" y="18" fill="{colour}" font-size="12">'
+            f"{html.escape(key)} {points[-1][1]:.3f} (range {low:.3f}–{high:.3f})</text>"
+        )
+    parts.append(
+        f'<text x="{width - 80}" y="{height - 8}" font-size="11">epoch {min(epochs)}–{max(epochs)}</text>'
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def write_html_report(
+    path: Path,
+    *,
+    title: str,
+    summary: EvaluationSummary,
+    cases: Sequence[CaseMetrics],
+    history: Sequence[Mapping[str, float]],
+    overlays: Mapping[str, Path],
+) -> None:
+    """Write a self-contained one-page HTML report: headline metrics, curves, overlays, table."""
+    headline = "".join(
+        f"<tr><th>{html.escape(key)}</th><td>{_cell(value)}</td></tr>"
+        for key, value in summary.as_metrics("eval").items()
+    )
+    images = "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" '
+        f'width="320"/><figcaption>{html.escape(rank)}: {html.escape(png.stem)}</figcaption></figure>'
+        for rank, png in overlays.items()
+    )
+    rows = [case.as_row() for case in cases]
+    header = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0]) if rows else ""
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+    curves = _svg_curves(history, ["train/loss", "val/dice", "val/seg"]) if history else "<p>no history</p>"
+    path.write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}
+figure{{display:inline-block;margin:4px}}</style>
+</head><body><h1>{html.escape(title)}</h1>
+<p>SEG: Cell Tracking Challenge measure (reference object matched when |R∩S| &gt; 0.5|R|, Jaccard,
+0 if unmatched, mean over all reference objects). IoU/Dice: foreground overlap, mean over cases
+where defined. HD95/ASSD in mm. Overlays: reference outlines green, prediction magenta.</p>
+<h2>Summary</h2><table>{headline}</table>
+<h2>Training curves</h2>{curves}
+<h2>Best, median and worst cases</h2>{images}
+<h2>Per case</h2><table><tr>{header}</tr>{body}</table></body></html>"""
+    )

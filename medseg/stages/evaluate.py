@@ -1,7 +1,8 @@
-"""Evaluate stage: model + dataset → report (metrics table, summary, overlays, predictions)."""
+"""Evaluate stage: model + dataset → report (metrics table, summary, overlays, HTML, predictions)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -13,35 +14,37 @@ from medseg.runner.contract import StageContext, StageSpec
 
 
 class EvaluateParams(Params):
-    """Which split to evaluate, on which device, and whether to draw overlays.
+    """Which split to evaluate, on which device, and what to compute besides SEG and IoU/Dice.
 
-    Predictions are always written as uint16 instance masks ``predictions/mask_<case>.tif``.
+    Predictions are written under ``predictions/``: CTC frames as ``mask<T>.tif`` (uint16, the
+    challenge's RES layout, ready for its own evaluation tools), other cases as
+    ``<case id>.nii.gz``.
     """
 
     split: Literal["train", "val", "test"] = "test"
+    surface_distances: bool = True
     overlays: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sw_batch_size: int = Field(4, ge=1)
 
 
 def run(
-    context: StageContext,
-    params: EvaluateParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
+    context: StageContext, params: EvaluateParams, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
-    """Predict every case of the split and score it with SEG and foreground IoU/Dice."""
+    """Predict every case of the split, score it, and write and log the report."""
     from medseg.errors import DataError
     from medseg.inference.model import load_model
     from medseg.inference.predict import segment_instances
     from medseg.inference.settings import InferenceSettings
     from medseg.io.dataset import load_case, read_index
+    from medseg.io.layouts import ctc_mask_name
     from medseg.io.readers import read_image, write_image
     from medseg.io.volume import Volume
     from medseg.metrics.evaluate import evaluate_case, summarize
     from medseg.metrics.report import (
         pick_review_cases,
         write_case_table,
+        write_html_report,
         write_overlay,
         write_summary,
     )
@@ -59,49 +62,68 @@ def run(
     settings = InferenceSettings.from_card(card)
     predictions_dir = report / "predictions"
     predictions_dir.mkdir()
-    results = []
+    results, prediction_files = [], {}
     for number, record in enumerate(records, start=1):
         image, label = load_case(folder, record)
         instances = segment_instances(
             net, image.array, settings, device=device, sw_batch_size=params.sw_batch_size
         )
         results.append(
-            evaluate_case(record.case_id, label.array[0], instances, fully_annotated=record.fully_annotated)
+            evaluate_case(
+                record.case_id,
+                label.array[0],
+                instances,
+                fully_annotated=record.fully_annotated,
+                spacing=image.spacing,
+                surface=params.surface_distances,
+            )
         )
-        write_image(
-            Volume(instances[None], image.affine, kind="label"),
-            predictions_dir / f"mask_{record.case_id}.tif",
-        )
+        name = ctc_mask_name(record.frame) if record.frame is not None else f"{record.case_id}.nii.gz"
+        write_image(Volume(instances[None], image.affine, kind="label"), predictions_dir / name)
+        prediction_files[record.case_id] = predictions_dir / name
         context.progress("evaluate", number, len(records))
     summary = summarize(results)
     write_case_table(report / "per_case.csv", results)
     write_summary(report / "summary.json", summary)
+
+    overlays: dict[str, Path] = {}
     if params.overlays and index.spatial_dims == 2:
-        overlays = report / "overlays"
-        overlays.mkdir()
+        (report / "overlays").mkdir()
         by_id = {record.case_id: record for record in records}
         for rank, case in pick_review_cases(results).items():
             image, label = load_case(folder, by_id[case.case_id])
-            prediction = read_image(predictions_dir / f"mask_{case.case_id}.tif", kind="label")
+            prediction = read_image(prediction_files[case.case_id], kind="label")
+            overlays[rank] = report / "overlays" / f"{rank}_{case.case_id}.png"
             write_overlay(
-                overlays / f"{rank}_{case.case_id}.png",
+                overlays[rank],
                 image.array[0],
                 label.array[0],
                 prediction.array[0],
                 f"{case.case_id} ({rank}) SEG {case.seg:.3f}",
             )
-    for name in ("per_case.csv", "summary.json", "overlays"):
-        if (report / name).exists():
-            context.log_artifact(report / name, "report" if name != "overlays" else "report/overlays")
+    history_path = inputs["model"] / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    write_html_report(
+        report / "report.html",
+        title=f"Evaluation on the {params.split} split",
+        summary=summary,
+        cases=results,
+        history=history,
+        overlays=overlays,
+    )
+    for name in ("per_case.csv", "summary.json", "report.html"):
+        context.log_artifact(report / name, "report")
+    if overlays:
+        context.log_artifact(report / "overlays", "report/overlays")
     return summary.as_metrics("eval")
 
 
 STAGE = StageSpec(
     name="evaluate",
-    version=1,
+    version=2,
     params=EvaluateParams,
     inputs=("dataset", "model"),
     outputs=("report",),
     run=run,
-    description="score predictions on a split with CTC SEG and foreground IoU/Dice",
+    description="score predictions on a split: CTC SEG, per-class IoU/Dice, HD95/ASSD; report",
 )

@@ -33,7 +33,7 @@ def run(
 
 STAGE = StageSpec(
     name="ingest",
-    version=1,
+    version=2,
     params=IngestParams,
     inputs=("source",),
     outputs=("dataset",),

@@ -6,10 +6,12 @@ tag, so the MLflow UI shows one parent run per workflow run with a child per sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -162,9 +164,8 @@ class MlflowTracker:
         from mlflow.models import infer_signature
 
         mlflow = self._mlflow
-        mlflow.set_tracking_uri(self.tracking_uri)
         signature = infer_signature(input_example, output_example)
-        with mlflow.start_run(run_id=run_id, nested=True):
+        with _fluent_tracking_uri(mlflow, self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(_PYFUNC_SOURCE),
@@ -199,9 +200,21 @@ def _safe_folder(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "experiment"
 
 
-def load_run_model(model_uri: str, tracking_uri: str) -> Any:
-    """Load a logged pyfunc model (``runs:/...`` or ``models:/...``) from ``tracking_uri``."""
-    import mlflow
+@contextlib.contextmanager
+def _fluent_tracking_uri(mlflow: Any, tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri`` for a block, then restore it.
 
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``;
+    a library must not leave that behind for the caller's later subprocesses.
+    """
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous_uri = mlflow.get_tracking_uri() if previous_env is not None else None
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env

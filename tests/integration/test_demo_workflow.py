@@ -73,7 +73,10 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     assert {"val/dice", "val/seg", "train/lr"} <= set(children["train"].data.metrics)
     assert {"eval/seg", "eval/iou", "eval/dice"} <= set(children["evaluate"].data.metrics)
     report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report")}
-    assert {"report/per_case.csv", "report/summary.json", "report/overlays"} <= report
+    assert {"report/per_case.csv", "report/summary.json", "report/report.html", "report/overlays"} <= report
+    overlays = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report/overlays")}
+    assert {path.split("/")[-1].split("_")[0] for path in overlays} == {"best", "median", "worst"}
+    assert {"eval/hd95_foreground", "eval/assd_foreground", "eval/missed"} <= set(parent.data.metrics)
     models = client.search_logged_models([experiment.experiment_id])
     assert any(model.source_run_id == children["export"].info.run_id for model in models)
 

@@ -48,6 +48,20 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     assert [m.step for m in client.get_metric_history(children["train"].info.run_id, "val/dice")] == [1, 2]
     assert children["train"].data.params["optim.lr"] == "0.002"
 
+    # Predictions are written in the CTC RES layout; scoring them on their own agrees.
+    predictions = result.outputs["evaluate"]["report"] / "predictions"
+    frames = sorted(path.name for path in predictions.glob("mask*.tif"))
+    assert len(frames) == 27 and "mask021.tif" not in frames  # t021 is a training frame
+    gt = tmp_path / "gt" / "SEG"
+    gt.mkdir(parents=True)
+    for name in frames:
+        seg_name = name.replace("mask", "man_seg")
+        (gt / seg_name).symlink_to(data / "01_GT" / "SEG" / seg_name)
+    standalone, _ = medseg.evaluate_masks(predictions, gt.parent, surface=False)
+    assert standalone.seg == pytest.approx(result.metrics["eval/seg"], abs=1e-12)
+    html = (result.outputs["evaluate"]["report"] / "report.html").read_text()
+    assert "Training curves" in html and "<svg" in html and "data:image/png;base64" in html
+
     cache_dir = result.outputs["ingest"]["dataset"]
     index = json.loads((cache_dir / "dataset.json").read_text())
     assert all(case["case_id"].startswith("case_") for case in index["cases"])

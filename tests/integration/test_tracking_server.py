@@ -78,6 +78,7 @@ def test_workflow_tracking_uri_and_environment_redirect_to_server(tmp_path, serv
     result = medseg.run_workflow(workflow, workspace=tmp_path / "ws")
     assert result.tracking_uri == url
     assert not (tmp_path / "ws" / "mlflow.db").exists()  # nothing went to the embedded store
+    assert os.environ.get("MLFLOW_TRACKING_URI") != url  # the library leaves the caller's environment alone
 
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("served")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from medseg.io.readers import read_image
-from medseg.metrics import evaluate_case, foreground_overlap, overlap_table, seg_score, summarize
+from medseg.metrics import evaluate_case, foreground_from_table, overlap_table, seg_score, summarize
+from medseg.metrics.surface import surface_distances
 from tests.conftest import CTC_FIXTURE, require
 
 
@@ -74,10 +75,10 @@ def test_seg_3d_known_answer():
 def test_foreground_iou_dice_known_answer_and_nan_when_empty():
     ref = np.array([1, 1, 1, 0, 0])
     pred = np.array([0, 1, 1, 1, 0])
-    overlap = foreground_overlap(ref, pred)
+    overlap = foreground_from_table(overlap_table(ref, pred))
     assert (overlap.tp, overlap.fp, overlap.fn) == (2, 1, 1)
     assert overlap.iou == pytest.approx(0.5) and overlap.dice == pytest.approx(4 / 6)
-    both_empty = foreground_overlap(np.zeros(3), np.zeros(3))
+    both_empty = foreground_from_table(overlap_table(np.zeros(3, int), np.zeros(3, int)))
     assert math.isnan(both_empty.iou) and math.isnan(both_empty.dice)
 
 
@@ -108,3 +109,26 @@ def test_ctc_organisers_fixture_scores_one():
     summary = summarize(cases)
     assert len(cases) == 6 and summary.n_reference > 0
     assert summary.seg == pytest.approx(1.0, abs=1e-12)
+
+
+def test_per_class_values_in_rows_and_summary():
+    ref = np.array([[1, 1, 0, 2]])
+    pred = np.array([[4, 4, 4, 0]])
+    case = evaluate_case("a", ref, pred)
+    row = case.as_row()
+    assert row["missed"] == 1 and row["iou_foreground"] == pytest.approx(2 / 4)
+    assert row["dice_foreground"] == pytest.approx(4 / 6)
+    metrics = summarize([case]).as_metrics("eval")
+    assert metrics["eval/iou_foreground"] == pytest.approx(0.5) and metrics["eval/missed"] == 1.0
+
+
+def test_surface_distances_in_mm_known_answer():
+    ref = np.zeros((40, 40), bool)
+    ref[10:20, 10:20] = True
+    shifted = np.roll(ref, 3, axis=0)
+    hd95, assd = surface_distances(ref, ref, (2.0, 1.0))
+    assert hd95 == 0.0 and assd == 0.0
+    hd95, assd = surface_distances(ref, shifted, (2.0, 1.0))
+    assert hd95 == pytest.approx(6.0)  # 3 rows of 2 mm
+    assert 0 < assd < 6.0
+    assert all(math.isnan(v) for v in surface_distances(ref, np.zeros_like(ref), None))
