@@ -11,9 +11,14 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import bench_pipeline, bench_seg
+from bench import bench_pipeline, bench_seg, bench_targets, bench_train
 
-BENCHMARKS = {"pipeline": bench_pipeline.run, "seg": bench_seg.run}
+BENCHMARKS = {
+    "train": bench_train.run,
+    "targets": bench_targets.run,
+    "pipeline": bench_pipeline.run,
+    "seg": bench_seg.run,
+}
 
 
 def machine() -> str:
@@ -36,17 +41,41 @@ def markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def previous_sections(path: Path) -> dict[str, str]:
+    """The ``## name`` sections of an existing RESULTS.md (each with its own date line)."""
+    if not path.is_file():
+        return {}
+    sections = {}
+    for block in path.read_text().split("\n## ")[1:]:
+        name = block.split("\n", 1)[0].strip()
+        sections[name] = "## " + block.rstrip() + "\n"
+    return sections
+
+
 def main() -> None:
-    """Run the benchmarks named on the command line (default: all) and write RESULTS.md."""
+    """Run the benchmarks named on the command line (default: all) and update RESULTS.md.
+
+    Sections of benchmarks not run this time are kept as they were, each with the date and
+    machine it was measured on; figures measured on a GPU get their own ``(cuda)`` section.
+    """
     names = sys.argv[1:] or list(BENCHMARKS)
-    sections = [f"# Benchmark results\n\n{datetime.date.today()}: {machine()}\n"]
+    path = Path(__file__).with_name("RESULTS.md")
+    sections = previous_sections(path)
+    import torch
+
+    suffix = " (cuda)" if torch.cuda.is_available() else ""  # GPU figures sit beside the CPU ones
     for name in names:
         rows = BENCHMARKS[name]()
         table = markdown(rows)
-        print(f"\n## {name}\n{table}")
+        print(f"\n## {name}{suffix}\n{table}")
         about = (sys.modules[BENCHMARKS[name].__module__].__doc__ or "").strip()
-        sections.append(f"## {name}\n\n{about}\n\n{table}\n")
-    Path(__file__).with_name("RESULTS.md").write_text("\n".join(sections))
+        sections[name + suffix] = (
+            f"## {name}{suffix}\n\n{datetime.date.today()}: {machine()}\n\n{about}\n\n{table}\n"
+        )
+    keys = [key for name in BENCHMARKS for key in (name, f"{name} (cuda)")]
+    ordered = [sections.pop(key) for key in keys if key in sections]
+    ordered += list(sections.values())
+    path.write_text("\n".join(["# Benchmark results\n", *ordered]))
 
 
 if __name__ == "__main__":

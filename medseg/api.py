@@ -13,10 +13,11 @@ import numpy as np
 from medseg.io.volume import Volume
 from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
 from medseg.runner.contract import ProgressCallback
+from medseg.runner.distributed import Collective
 from medseg.runner.engine import PlannedStage, Runner, StageEvent, Workspace
 from medseg.runner.spec import ResolvedWorkflow, load_workflow
 from medseg.stages import REGISTRY
-from medseg.tracking.base import Tracker
+from medseg.tracking.base import NullTracker, Tracker
 
 DEFAULT_WORKSPACE = Path(".medseg")
 
@@ -33,6 +34,7 @@ class WorkflowResult:
         executed: stages that ran; the others were cache hits.
         cached: stages reused from the cache.
         outputs: each stage's output directories in the workspace cache.
+        seconds: wall time of each stage in this run (0 for cache hits).
 
     """
 
@@ -43,6 +45,7 @@ class WorkflowResult:
     executed: list[str]
     cached: list[str]
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def validate_workflow(path: str | Path) -> ResolvedWorkflow:
@@ -79,6 +82,7 @@ def run_workflow(
     tracker: Tracker | None = None,
     on_event: StageEvent | None = None,
     progress: ProgressCallback | None = None,
+    collective: Collective | None = None,
 ) -> WorkflowResult:
     """Run a workflow file, reusing cached stages, and track it.
 
@@ -89,7 +93,10 @@ def run_workflow(
             ``sqlite:///<workspace>/mlflow.db``.
         tracker: a tracker to use instead of MLflow (``tracking_uri`` is then ignored).
         on_event: called with ``(stage, message)`` as stages start, hit the cache or end.
-        progress: called with ``(description, completed, total)`` during long steps.
+        progress: called with ``(description, completed, total, status)`` during long steps.
+        collective: this process's rank in a ``torchrun`` launch (from
+            ``medseg.runner.distributed.collective_from_environment``); ranks > 0 train
+            with rank 0 and track nothing.
 
     Raises:
         ConfigError, DataError, StageError, TrackingError: with a one-line cause and fix.
@@ -98,9 +105,12 @@ def run_workflow(
     resolved = validate_workflow(path)
     space = Workspace(Path(workspace).resolve())
     uri = tracking_uri or resolved.tracking_uri
-    if tracker is None:
+    collective = collective or Collective()
+    if collective.rank > 0:
+        tracker = NullTracker()
+    elif tracker is None:
         tracker, uri = make_tracker(uri, space)
-    outcome = Runner(space).run(resolved, tracker, on_event=on_event, progress=progress)
+    outcome = Runner(space, collective).run(resolved, tracker, on_event=on_event, progress=progress)
     return WorkflowResult(
         workflow=outcome.workflow,
         parent_run_id=outcome.parent_run_id,
@@ -109,6 +119,7 @@ def run_workflow(
         executed=outcome.executed,
         cached=[stage.name for stage in outcome.stages if stage.cache_hit],
         outputs={stage.name: stage.outputs for stage in outcome.stages},
+        seconds={stage.name: stage.seconds for stage in outcome.stages},
     )
 
 

@@ -80,12 +80,26 @@ def _quiet_libraries() -> None:
 
 def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) -> Any:
     from medseg.api import run_workflow
+    from medseg.runner.distributed import collective_from_environment, leave
+
+    collective = collective_from_environment()
+    try:
+        if collective.rank > 0:
+            return run_workflow(path, workspace=workspace, tracking_uri=tracking_uri, collective=collective)
+        return _run_rank0(path, workspace, tracking_uri, collective)
+    finally:
+        leave(collective)
+
+
+def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective: Any) -> Any:
+    from medseg.api import run_workflow
 
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
         console=console,
         transient=True,
     ) as bar:
@@ -97,10 +111,10 @@ def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) ->
             mark = {"cached": "[cyan]cached[/]", "failed": "[red]failed[/]"}.get(message, message)
             console.print(f"  {stage:<10} {mark}")
 
-        def progress(description: str, completed: float, total: float) -> None:
+        def progress(description: str, completed: float, total: float, status: str = "") -> None:
             if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total)
-            bar.update(tasks[description], completed=completed, total=total)
+                tasks[description] = bar.add_task(description, total=total, status=status)
+            bar.update(tasks[description], completed=completed, total=total, status=status)
 
         return run_workflow(
             path,
@@ -108,6 +122,7 @@ def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) ->
             tracking_uri=tracking_uri,
             on_event=on_event,
             progress=progress,
+            collective=collective,
         )
 
 
@@ -140,7 +155,8 @@ def run(
     _quiet_libraries()
     with _errors():
         result = _run_with_progress(workflow, workspace, tracking_uri)
-    _print_result(result)
+    if result.parent_run_id:  # ranks > 0 of a torchrun launch print nothing
+        _print_result(result)
 
 
 @app.command()

@@ -2,14 +2,14 @@
 
 import pytest
 
-from bench import bench_pipeline, bench_seg
+from bench import bench_pipeline, bench_seg, bench_targets, bench_train
 from tests.conftest import GOWT1, require
 
 pytestmark = pytest.mark.integration
 
 
 def test_pipeline_benchmark_smoke():
-    rows = bench_pipeline.run(repetitions=1, frames=6, size=32)
+    rows = bench_pipeline.run(repetitions=1, frames=6, size=64)
     assert [row["benchmark"] for row in rows] == ["rerun, 0 stages executed", "medseg --help"]
     assert all(row["medseg_s"] > row["baseline_s"] > 0 for row in rows)
 
@@ -19,3 +19,19 @@ def test_seg_benchmark_smoke():
     rows = bench_seg.run(repetitions=1, frames=2)
     assert len(rows) == 3
     assert all(float(row["max_abs_difference"]) < 1e-9 for row in rows[:2])
+
+
+def test_train_benchmark_smoke():
+    rows = bench_train.run(repetitions=1, epochs=1, cases=2, size=64)
+    assert rows[0]["benchmark"].startswith("train step, UNet")
+    assert rows[0]["medseg_s_per_step"] > 0 and rows[0]["plain_monai_s_per_step"] > 0
+
+
+def test_targets_benchmark_smoke(tmp_path):
+    from medseg.demo import write_phantom_ctc
+
+    data = write_phantom_ctc(tmp_path / "phantom", frames=8, size=64)
+    tiny = {"epochs": 1, "epoch_repeats": 1, "patch_size": [32, 32], "samples_per_image": 2}
+    rows = bench_targets.run(data=data, train=tiny)
+    assert [row["variant"] for row in rows] == list(bench_targets.VARIANTS)
+    assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)

@@ -15,14 +15,20 @@ WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "model.json"
 
 
-def save_model(folder: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
-    """Write weights and card into ``folder``.
+def save_model(
+    folder: Path,
+    state_dict: dict[str, torch.Tensor],
+    card: dict[str, Any],
+    *,
+    weights_file: str = WEIGHTS_FILE,
+) -> None:
+    """Write weights (as ``weights_file``) and card into ``folder``.
 
     ``card`` holds ``spatial_dims``, ``in_channels``, ``out_channels``, ``net`` (NetParams
     as data), ``inference`` (``roi_size``, ``overlap``, ``min_object_size``), ``intensity``
     and ``labels``.
     """
-    torch.save(state_dict, folder / WEIGHTS_FILE)
+    torch.save(state_dict, folder / weights_file)
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2))
 
 

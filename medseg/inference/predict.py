@@ -56,10 +56,48 @@ def foreground_to_instances(foreground: np.ndarray, *, min_size: int, fill_holes
     if fill_holes:
         foreground = ndimage.binary_fill_holes(foreground)
     labels, count = ndimage.label(foreground)
+    return _drop_small(labels, count, min_size)
+
+
+def boundary_to_instances(classes: np.ndarray, *, min_size: int, fill_holes: bool = True) -> np.ndarray:
+    """Instances from a background(0)/interior(1)/border(2) class map, splitting touching objects.
+
+    Interior components are the seeds; every foreground pixel (interior or border) joins its
+    nearest seed (Euclidean), so a border band between two touching objects is divided
+    between them. Foreground components without any seed become objects of their own.
+    Objects under ``min_size`` voxels are dropped.
+
+    Args:
+        classes: class map ``(*spatial)`` with values 0, 1, 2.
+        min_size: smallest object kept, in voxels.
+        fill_holes: fill background enclosed by foreground first.
+
+    Returns:
+        int32 instance labels ``1..n`` of the same shape, 0 for background.
+
+    """
+    foreground = classes > 0
+    if fill_holes:
+        foreground = ndimage.binary_fill_holes(foreground)
+    seeds, count = ndimage.label(classes == 1)
+    if count:
+        _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+        grown = seeds[tuple(nearest)]
+        seeds = np.where(foreground, grown, 0)
+        # Pixels whose nearest seed lies in another foreground component are not its object.
+        components, _ = ndimage.label(foreground)
+        seeds[components != components[tuple(nearest)]] = 0
+    unseeded, extra = ndimage.label(foreground & (seeds == 0))
+    labels = np.where(unseeded > 0, unseeded + count, seeds)
+    return _drop_small(labels, count + extra, min_size)
+
+
+def _drop_small(labels: np.ndarray, count: int, min_size: int) -> np.ndarray:
+    """Relabel ``labels`` (values ``0..count``) to ``1..n``, dropping objects under ``min_size``."""
     if count == 0:
         return labels.astype(np.int32)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= max(min_size, 1)
     keep[0] = False
     relabel = np.zeros(count + 1, dtype=np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
@@ -74,7 +112,7 @@ def segment_instances(
     device: torch.device,
     sw_batch_size: int = 4,
 ) -> np.ndarray:
-    """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)`` (argmax > 0 is foreground)."""
+    """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)``, per ``settings.target``."""
     logits = predict_logits(
         net,
         image,
@@ -83,8 +121,8 @@ def segment_instances(
         device=device,
         sw_batch_size=sw_batch_size,
     )
-    return foreground_to_instances(
-        logits.argmax(dim=0).numpy() > 0,
-        min_size=settings.min_object_size,
-        fill_holes=settings.fill_holes,
-    )
+    classes = logits.argmax(dim=0).numpy()
+    size, fill = settings.min_object_size, settings.fill_holes
+    if settings.target == "boundary":
+        return boundary_to_instances(classes, min_size=size, fill_holes=fill)
+    return foreground_to_instances(classes > 0, min_size=size, fill_holes=fill)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
+
+TargetKind = Literal["foreground", "boundary"]
+"""What a net predicts: background/object, or background/interior/border."""
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,9 @@ class InferenceSettings:
         overlap: window overlap fraction.
         min_object_size: smallest instance kept, in voxels.
         fill_holes: fill enclosed background before labelling components.
+        target: what the net predicts: ``foreground`` (background/object; instances are
+            connected components) or ``boundary`` (background/interior/border; instances
+            grow from interior seeds, which splits touching objects).
 
     """
 
@@ -23,6 +29,7 @@ class InferenceSettings:
     overlap: float
     min_object_size: int
     fill_holes: bool
+    target: TargetKind = "foreground"
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> InferenceSettings:
@@ -33,6 +40,7 @@ class InferenceSettings:
             overlap=float(section["overlap"]),
             min_object_size=int(section["min_object_size"]),
             fill_holes=bool(section["fill_holes"]),
+            target="boundary" if section.get("target") == "boundary" else "foreground",
         )
 
     def as_card(self) -> dict[str, Any]:

@@ -78,9 +78,11 @@ class DigestMemo:
     A large tree is read once; later digests cost one ``stat`` per file.
     """
 
-    def __init__(self, database: Path) -> None:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        self._connection = sqlite3.connect(database, timeout=30)
+    def __init__(self, database: Path | None) -> None:
+        """Open the memo at ``database``; ``None`` keeps it in memory for this process only."""
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(database or ":memory:", timeout=30)
         self._connection.execute(
             "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
             "mtime_ns INTEGER, digest TEXT)"
@@ -198,10 +200,13 @@ class StageCache:
         """Yield fresh output directories (name → dir) in one temp dir, removed on exit.
 
         The caller commits with :meth:`commit` inside the block; whatever is not committed
-        (the block raised) is deleted, so no half-written output survives.
+        (the block raised) is deleted, so no half-written output survives. Temp dirs that a
+        killed run of the same key left behind are removed first.
         """
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(exist_ok=True)
+        for leftover in tmp_root.glob(f"{key[:16]}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{key[:16]}.", dir=tmp_root))
         try:
             directories = {name: staging / name for name in outputs}

@@ -5,17 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medseg.params import Params
 from medseg.tracking.base import ModelInfo, Tracker
 
-ProgressCallback = Callable[[str, float, float], None]
-"""``progress(description, completed, total)``: report progress of a long step."""
+
+class ProgressCallback(Protocol):
+    """``progress(description, completed, total, status)``: report progress of a long step."""
+
+    def __call__(self, description: str, completed: float, total: float, status: str = "") -> None:
+        """Report that ``completed`` of ``total`` units are done; ``status`` is a short note."""
 
 
-def _no_progress(description: str, completed: float, total: float) -> None:
-    del description, completed, total
+def _no_progress(description: str, completed: float, total: float, status: str = "") -> None:
+    del description, completed, total, status
 
 
 @dataclass
@@ -29,6 +33,8 @@ class StageContext:
         seed: the workflow seed; every random choice derives from it.
         tracker: the tracking backend; ``run_id`` is this stage's nested run.
         private_dir: workspace folder for data that must never be logged (case → source map).
+        scratch_dir: workspace folder of this execution (its cache key) that survives a failed
+            or killed run and is deleted on commit: checkpoints to resume from.
         progress: progress callback.
 
     """
@@ -40,6 +46,7 @@ class StageContext:
     tracker: Tracker
     run_id: str
     private_dir: Path
+    scratch_dir: Path
     progress: ProgressCallback = field(default=_no_progress)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -66,6 +73,8 @@ class StageSpec:
     Bump ``version`` on any change of behaviour: it is part of the cache key.
     ``pure`` is False for stages whose result depends on more than their inputs (a live
     PACS query); their outputs are still digested so that downstream caching holds.
+    ``distributed`` stages run on every rank of a ``torchrun`` launch (see
+    ``runner.distributed``); the others run on rank 0 only.
     """
 
     name: str
@@ -75,6 +84,7 @@ class StageSpec:
     outputs: tuple[str, ...]
     run: StageRun
     pure: bool = True
+    distributed: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,8 +17,9 @@ from medseg._version import __version__
 from medseg.errors import MedsegError, StageError
 from medseg.runner.cache import DigestMemo, Manifest, StageCache, cache_key, library_versions
 from medseg.runner.contract import ProgressCallback, StageContext
+from medseg.runner.distributed import Collective
 from medseg.runner.spec import ResolvedStage, ResolvedWorkflow
-from medseg.tracking.base import Tracker, flatten_params
+from medseg.tracking.base import NullTracker, Tracker, flatten_params
 
 StageState = Literal["cached", "will run", "blocked"]
 
@@ -36,6 +39,11 @@ class Workspace:
     def private_dir(self) -> Path:
         """Data that must never be logged (maps from case ids to sources)."""
         return self.root / "private"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Per-execution state that outlives a failed run (training checkpoints)."""
+        return self.root / "scratch"
 
     @property
     def mlflow_db(self) -> Path:
@@ -105,10 +113,11 @@ StageEvent = Callable[[str, str], None]
 class Runner:
     """Runs resolved workflows in one workspace."""
 
-    def __init__(self, workspace: Workspace) -> None:
+    def __init__(self, workspace: Workspace, collective: Collective | None = None) -> None:
         self.workspace = workspace
         self.cache = StageCache(workspace.cache_dir)
         self.versions = library_versions()
+        self.collective = collective or Collective()
 
     def _resolve_inputs(
         self,
@@ -174,6 +183,8 @@ class Runner:
         A failing stage removes its partial outputs, marks its run and the parent run
         FAILED and raises; stages committed before it stay cached, so a rerun resumes there.
         """
+        if self.collective.rank > 0:
+            return self._follow(workflow, progress)
         notify = on_event or (lambda stage, message: None)
         parent = tracker.start_run(
             experiment=workflow.experiment,
@@ -194,7 +205,15 @@ class Runner:
                 resolved = self._resolve_inputs(stage, workflow, memo, produced)
                 if resolved is None:
                     raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
-                result = self._run_stage(workflow, stage, resolved, memo, tracker, parent, notify, progress)
+                try:
+                    result = self._run_stage(
+                        workflow, stage, resolved, memo, tracker, parent, notify, progress
+                    )
+                except BaseException:
+                    if not stage.spec.distributed:  # the other ranks wait for word from rank 0
+                        self.collective.agree(False)
+                    raise
+                self.collective.agree(True)
                 produced[stage.name] = result
                 outcome.stages.append(result)
             tracker.log_metrics(parent, outcome.metrics)
@@ -213,6 +232,75 @@ class Runner:
             memo.close()
         tracker.end_run(parent, "FINISHED")
         return outcome
+
+    def _follow(self, workflow: ResolvedWorkflow, progress: ProgressCallback | None) -> RunOutcome:
+        """Rank > 0 of a ``torchrun`` launch: train with rank 0, wait for it on other stages.
+
+        Nothing is tracked or committed here; outputs of distributed stages are discarded
+        (rank 0 writes them). Returns the stages as rank 0 committed them.
+        """
+        outcome = RunOutcome(workflow=workflow.name, parent_run_id="")
+        memo = DigestMemo(None)  # rank 0 holds the workspace memo open for writing
+        produced: dict[str, StageOutcome | PlannedStage] = {}
+        try:
+            for stage in workflow.stages:
+                if stage.spec.distributed:
+                    self._run_discarded(workflow, stage, memo, produced, progress)
+                if not self.collective.agree(True):
+                    raise StageError(f"stage {stage.name} failed on rank 0; its output says why")
+                resolved = self._resolve_inputs(stage, workflow, memo, produced)
+                key = self._key(stage, workflow.seed, resolved[0]) if resolved else None
+                manifest = self.cache.manifest(key) if key else None
+                if manifest is None:
+                    raise StageError(f"stage {stage.name}: rank 0 committed no output")
+                result = StageOutcome(
+                    stage.name,
+                    manifest.key,
+                    True,
+                    "",
+                    manifest.run_id,
+                    manifest.metrics,
+                    0.0,
+                    self._outputs(manifest.key, stage),
+                )
+                produced[stage.name] = result
+                outcome.stages.append(result)
+        finally:
+            memo.close()
+        return outcome
+
+    def _run_discarded(
+        self,
+        workflow: ResolvedWorkflow,
+        stage: ResolvedStage,
+        memo: DigestMemo,
+        produced: dict[str, StageOutcome | PlannedStage],
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Run a distributed stage on a rank > 0 unless it is cached, discarding its outputs."""
+        resolved = self._resolve_inputs(stage, workflow, memo, produced)
+        if resolved is None:
+            raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
+        digests, inputs = resolved
+        key = self._key(stage, workflow.seed, digests)
+        if stage.spec.pure and self.cache.manifest(key) is not None:
+            return
+        with tempfile.TemporaryDirectory(prefix=f"rank{self.collective.rank}-") as folder:
+            outputs = {name: Path(folder) / name for name in stage.spec.outputs}
+            for path in outputs.values():
+                path.mkdir()
+            context = StageContext(
+                stage=stage.name,
+                key=key,
+                input_digests=digests,
+                seed=workflow.seed,
+                tracker=NullTracker(),
+                run_id="",
+                private_dir=self.workspace.private_dir,
+                scratch_dir=self.workspace.scratch_dir / key,
+                **({"progress": progress} if progress else {}),
+            )
+            stage.spec.run(context, stage.params, inputs, outputs)
 
     def _log_parent(self, workflow: ResolvedWorkflow, tracker: Tracker, parent: str) -> None:
         params: dict[str, object] = {"seed": workflow.seed, "pipeline": workflow.pipeline.name}
@@ -276,8 +364,10 @@ class Runner:
         )
         notify(stage.name, "running")
         started = time.perf_counter()
+        scratch = self.workspace.scratch_dir / key
         try:
             tracker.log_params(run_id, flatten_params(stage.params.model_dump(mode="json")))
+            scratch.mkdir(parents=True, exist_ok=True)
             with self.cache.staging(key, stage.spec.outputs) as staged:
                 context = StageContext(
                     stage=stage.name,
@@ -287,6 +377,7 @@ class Runner:
                     tracker=tracker,
                     run_id=run_id,
                     private_dir=self.workspace.private_dir,
+                    scratch_dir=scratch,
                     **({"progress": progress} if progress else {}),
                 )
                 metrics = stage.spec.run(context, stage.params, inputs, staged)
@@ -303,6 +394,7 @@ class Runner:
                     versions=self.versions,
                 )
                 self.cache.commit(staged, manifest)
+            shutil.rmtree(scratch, ignore_errors=True)
         except BaseException as exc:
             tracker.set_tags(run_id, {"medseg.error": _one_line(exc)})
             tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -5,21 +5,60 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from medseg.io.dataset import DatasetIndex, load_case, read_index
+from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, read_index
 from medseg.runner.contract import StageContext, StageSpec
 from medseg.training.params import TrainParams
 
 
-def load_split(folder: Path, index: DatasetIndex, split: str) -> list:
-    """Load the cases of one split into memory as ``TrainingCase`` objects."""
+def _training_case(folder: Path, record: CaseRecord, channels: int) -> Any:
+    """A ``TrainingCase`` that reads the record's files when it is loaded."""
     from medseg.training.loop import TrainingCase
 
-    cases = []
-    for record in index.split(split):  # type: ignore[arg-type]
+    def load() -> tuple[Any, Any]:
         image, label = load_case(folder, record)
-        cases.append(TrainingCase(record.case_id, image.array, label.array[0]))
-    return cases
+        return image.array, label.array[0]
+
+    return TrainingCase(record.case_id, channels, tuple(record.shape), load)
+
+
+def _cached_case(case: Any) -> Any:
+    """The same case with its arrays read once and kept in memory."""
+    from medseg.training.loop import TrainingCase
+
+    image, instances = case.load()
+    return TrainingCase.in_memory(case.case_id, image, instances)
+
+
+def check_dataset(index: DatasetIndex, params: TrainParams) -> None:
+    """Refuse a dataset that does not fit the train params, before any work.
+
+    Raises:
+        DataError: dimensionality or class count differ, or the train split is empty.
+
+    """
+    from medseg.errors import DataError
+    from medseg.training.targets import target_classes
+
+    if index.spatial_dims != params.spatial_dims:
+        raise DataError(
+            f"dataset is {index.spatial_dims}D but train.spatial_dims is {params.spatial_dims}; "
+            "set train.spatial_dims (and patch_size) to match"
+        )
+    classes = target_classes(params.target)
+    if not index.instance_labels and len(index.labels) != 2:
+        raise DataError(
+            f"dataset declares {len(index.labels)} classes ({', '.join(index.labels.values())}) but "
+            f"train.target '{params.target}' trains {classes} outputs from object masks; "
+            "ingest instance or binary labels, or merge the classes at ingest"
+        )
+    if not index.split("train"):
+        raise DataError(
+            f"the train split is empty ({len(index.cases)} labelled cases, splits "
+            f"{ {name: len(ids) for name, ids in index.splits.items()} }); add labelled cases or lower "
+            "ingest.split.val_fraction / test_fraction"
+        )
 
 
 def run(
@@ -28,64 +67,96 @@ def run(
     inputs: Mapping[str, Path],
     outputs: Mapping[str, Path],
 ) -> dict[str, float]:
-    """Train on the train split, select on the val split, write weights, card and history."""
-    from medseg.errors import DataError
+    """Train on the train split, select on the val split, write weights, card and history.
+
+    Checkpoints go to the stage's scratch folder after every epoch; a rerun after a crash or
+    kill continues from the last one.
+    """
     from medseg.inference.model import save_model
-    from medseg.training.loop import train_segmentation
+    from medseg.training.checkpoint import CHECKPOINT_FILE
+    from medseg.training.loop import sample_bytes, train_segmentation
 
     folder = inputs["dataset"]
     index = read_index(folder)
-    if index.spatial_dims != params.spatial_dims:
-        raise DataError(
-            f"dataset is {index.spatial_dims}D but train.spatial_dims is {params.spatial_dims}; "
-            "set train.spatial_dims (and patch_size) to match"
-        )
-    train_cases = load_split(folder, index, "train")
-    val_cases = load_split(folder, index, "val")
+    check_dataset(index, params)
+    splits = {
+        split: [_training_case(folder, record, index.channels) for record in index.split(split)]
+        for split in ("train", "val")
+    }
+    total = sum(sample_bytes(case, params) for cases in splits.values() for case in cases)
+    if total <= params.cache_gib * 2**30:
+        splits = {split: [_cached_case(case) for case in cases] for split, cases in splits.items()}
     result = train_segmentation(
-        train_cases,
-        val_cases,
+        splits["train"],
+        splits["val"],
         params,
         seed=context.seed,
         on_epoch=lambda epoch, metrics: context.log_metrics(metrics, step=epoch),
         progress=context.progress,
+        checkpoint=context.scratch_dir / CHECKPOINT_FILE,
     )
-    card = {
-        "task": "instance segmentation: foreground U-Net + connected components",
+    card = model_card(context, params, index, result, {k: len(v) for k, v in splits.items()})
+    save_model(outputs["model"], result.state_dict, card)
+    save_model(outputs["model"], result.last_state_dict, card, weights_file="last_weights.pt")
+    (outputs["model"] / "history.json").write_text(json.dumps(result.history, indent=2))
+    final = result.history[-1]
+    return {
+        "train/final_loss": final["train/loss"],
+        "train/best_epoch": float(result.best_epoch),
+        "train/epochs_run": float(result.epochs_run),
+        "train/world_size": float(result.world_size),
+        "train/resumed_from_epoch": float(result.resumed_from),
+        f"train/best_val_{params.select_on}": result.best_metric,
+    }
+
+
+def model_card(
+    context: StageContext, params: TrainParams, index: DatasetIndex, result: Any, counts: dict[str, int]
+) -> dict[str, Any]:
+    """The card that travels with the weights: what the net predicts and how to use it."""
+    from medseg.training.targets import target_classes
+
+    labels = (
+        {"0": "background", "1": "foreground"}
+        if params.target == "foreground"
+        else {"0": "background", "1": "interior", "2": "border"}
+    )
+    task = (
+        "instance segmentation: foreground U-Net + connected components"
+        if params.target == "foreground"
+        else "instance segmentation: background/interior/border U-Net + seeded growing"
+    )
+    return {
+        "task": task,
         "spatial_dims": params.spatial_dims,
         "in_channels": index.channels,
-        "out_channels": 2,
-        "labels": {"0": "background", "1": "foreground"},
+        "out_channels": target_classes(params.target),
+        "labels": labels,
         "net": params.net.model_dump(mode="json"),
         "inference": params.inference.as_card(),
         "intensity": index.intensity,
         "spacing": list(index.cases[0].spacing),
         "training": {
             "dataset_digest": context.input_digests["dataset"],
-            "train_cases": len(train_cases),
-            "val_cases": len(val_cases),
+            "train_cases": counts["train"],
+            "val_cases": counts["val"],
             "epochs": params.epochs,
+            "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
             f"best_val_{params.select_on}": result.best_metric,
+            "loss": params.loss.name,
             "seed": context.seed,
         },
-    }
-    save_model(outputs["model"], result.state_dict, card)
-    (outputs["model"] / "history.json").write_text(json.dumps(result.history, indent=2))
-    final = result.history[-1]
-    return {
-        "train/final_loss": final["train/loss"],
-        "train/best_epoch": float(result.best_epoch),
-        f"train/best_val_{params.select_on}": result.best_metric,
     }
 
 
 STAGE = StageSpec(
     name="train",
-    version=1,
+    version=2,
     params=TrainParams,
     inputs=("dataset",),
     outputs=("model",),
     run=run,
-    description="train a MONAI U-Net with Dice+CE, keeping the best validation weights",
+    distributed=True,
+    description="train a MONAI U-Net (foreground or boundary-aware), keeping the best validation weights",
 )

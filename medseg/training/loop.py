@@ -1,42 +1,74 @@
-"""The training loop: MONAI parts, our small loop, progress and metrics through callbacks."""
+"""The training loop: MONAI parts, our small loop, progress and metrics through callbacks.
+
+Runs in one process or under ``torchrun`` (DistributedDataParallel, one process per device
+or CPU share): when a process group is initialised, each rank trains on its share of every
+batch, gradients are averaged, and only rank 0 validates, reports and writes checkpoints.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from medseg.errors import StageError
+from medseg.errors import DataError, StageError
 from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
 from medseg.nets.unet import build_unet
+from medseg.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from medseg.training.params import TrainParams
+from medseg.training.targets import border_weight_map, make_target, target_classes
+
+CaseLoader = Callable[[], tuple[np.ndarray, np.ndarray]]
+"""Returns ``(image (C, *spatial) float32, instances (*spatial) int32)``."""
 
 
 @dataclass(frozen=True)
 class TrainingCase:
-    """One case in memory: image ``(C, *spatial)`` float32, instances ``(*spatial)`` int32."""
+    """One case: its id, channel count, spatial shape and a loader of its arrays."""
 
     case_id: str
-    image: np.ndarray
-    instances: np.ndarray
+    channels: int
+    shape: tuple[int, ...]
+    load: CaseLoader
+
+    @classmethod
+    def in_memory(cls, case_id: str, image: np.ndarray, instances: np.ndarray) -> TrainingCase:
+        """A case from arrays: image ``(C, *spatial)`` float32, instances ``(*spatial)`` int32."""
+        return cls(case_id, int(image.shape[0]), tuple(instances.shape), lambda: (image, instances))
 
 
 @dataclass
 class TrainResult:
-    """Best weights and the per-epoch history of metrics."""
+    """Best and last weights and the per-epoch history of metrics."""
 
     state_dict: dict[str, torch.Tensor]
+    last_state_dict: dict[str, torch.Tensor]
     best_epoch: int
     best_metric: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    world_size: int = 1
+
+    @property
+    def epochs_run(self) -> int:
+        """Epochs completed (fewer than asked when early stopping ended the run)."""
+        return int(self.history[-1]["epoch"]) if self.history else 0
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-ProgressFn = Callable[[str, float, float], None]
+
+
+class ProgressFn(Protocol):
+    """``progress(description, completed, total, status)``."""
+
+    def __call__(self, description: str, completed: float, total: float, status: str = "") -> None:
+        """Report progress."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,9 +80,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def foreground_target(instances: np.ndarray) -> np.ndarray:
-    """Class target ``(1, *spatial)`` uint8: 1 inside any object, 0 elsewhere."""
-    return (instances > 0).astype(np.uint8)[None]
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of every random choice in ``epoch`` (31-bit, distinct per epoch)."""
+    return (seed * 1_000_003 + epoch * 7_919) % (2**31 - 1)
 
 
 def _optimizer(net: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -67,20 +115,97 @@ def _optimizer(net: torch.nn.Module, params: TrainParams) -> torch.optim.Optimiz
     return factory(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, params: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
+    if params.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+    if params.schedule == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=params.epochs, power=0.9)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def check_cases(cases: Sequence[TrainingCase], params: TrainParams, split: str) -> None:
+    """Refuse cases that cannot be trained on with these params, naming the case.
+
+    Raises:
+        DataError: wrong dimensionality, or a patch larger than the image.
+
+    """
+    for case in cases:
+        if len(case.shape) != params.spatial_dims:
+            raise DataError(
+                f"{split} case {case.case_id} is {len(case.shape)}D but train.spatial_dims is "
+                f"{params.spatial_dims}; set train.spatial_dims to match the data"
+            )
+        if split == "train" and any(p > s for p, s in zip(params.patch_size, case.shape, strict=True)):
+            raise DataError(
+                f"train case {case.case_id} has shape {case.shape}, smaller than train.patch_size "
+                f"{params.patch_size}; lower train.patch_size to at most the image size (multiples of "
+                f"{params.net.size_divisor})"
+            )
+
+
+def prepare_sample(case: TrainingCase, params: TrainParams) -> dict[str, np.ndarray]:
+    """The training sample of a case: image, class target and (weighted losses) loss weights."""
+    image, instances = case.load()
+    target = make_target(instances, params.target, params.border_width)
+    sample = {"image": image, "label": target}
+    if params.loss.weighted:
+        sample["weight"] = border_weight_map(instances, w0=params.loss.w0, sigma=params.loss.sigma)
+    return sample
+
+
+def sample_bytes(case: TrainingCase, params: TrainParams) -> int:
+    """Memory of a prepared sample in bytes (image float32, target uint8, weights float32)."""
+    voxels = math.prod(case.shape)
+    return voxels * (4 * case.channels + 1 + (4 if params.loss.weighted else 0))
+
+
+class _PrepareSample:
+    """Callable transform: a ``TrainingCase`` → its prepared sample (the lazy, from-disk path)."""
+
+    def __init__(self, params: TrainParams) -> None:
+        self.params = params
+
+    def __call__(self, case: TrainingCase) -> dict[str, np.ndarray]:
+        return prepare_sample(case, self.params)
+
+
 def validate(
     net: torch.nn.Module,
     cases: Sequence[TrainingCase],
     params: TrainParams,
     device: torch.device,
 ) -> dict[str, float]:
-    """Foreground Dice and CTC SEG of ``net`` on whole validation images."""
+    """Foreground Dice, IoU and CTC SEG of ``net`` on whole validation images."""
     net.eval()
     results = []
     for case in cases:
-        instances = segment_instances(net, case.image, params.inference, device=device)
-        results.append(evaluate_case(case.case_id, case.instances, instances))
+        image, reference = case.load()
+        instances = segment_instances(net, image, params.inference, device=device)
+        results.append(evaluate_case(case.case_id, reference, instances))
     summary = summarize(results)
     return {"val/dice": summary.dice, "val/seg": summary.seg, "val/iou": summary.iou}
+
+
+class SegmentationLoss:
+    """Dice+CE, the border-weighted CE, or both, on logits ``(N, K, *S)`` and targets ``(N, 1, *S)``."""
+
+    def __init__(self, params: TrainParams) -> None:
+        from monai.losses import DiceCELoss, DiceLoss
+
+        self.name = params.loss.name
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True)
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss in float32 (float16 logits from AMP make MONAI's Dice+CE NaN)."""
+        logits = logits.float()
+        target = batch["label"]
+        if self.name == "dice_ce":
+            return self.dice_ce(logits, target)
+        pixel_ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")
+        weighted = (pixel_ce * batch["weight"][:, 0]).mean()
+        return weighted + self.dice(logits, target) if self.name == "dice_border_ce" else weighted
 
 
 def train_segmentation(
@@ -91,84 +216,208 @@ def train_segmentation(
     seed: int,
     on_epoch: EpochCallback,
     progress: ProgressFn,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train a U-Net with Dice+CE on foreground targets, keeping the best validation weights.
+    """Train a U-Net on ``params.target`` targets, keeping the best validation weights.
 
     Args:
         train_cases: cases sampled into patches each epoch.
         val_cases: cases evaluated whole every ``params.val_every`` epochs (may be empty:
-            then the last epoch's weights are kept).
-        seed: drives weight init, patch sampling, augmentation and batch order.
-        on_epoch: receives ``(epoch, metrics)`` with ``train/loss`` and ``val/*``.
-        progress: receives ``("train", epoch, epochs)``.
+            then the last epoch's weights are the best).
+        seed: drives weight init and, per epoch, patch sampling, augmentation and batch order.
+        on_epoch: receives ``(epoch, metrics)`` with ``train/loss`` (mean over ranks),
+            ``train/lr``, ``train/steps`` (optimiser steps per rank) and ``val/*`` (rank 0 only).
+        progress: receives ``("train", epoch, epochs, "loss 0.123")``.
+        checkpoint: file holding the training state after each epoch; when it exists the
+            run continues from it and ends as an uninterrupted run would (bit-identical on CPU).
 
     Raises:
-        StageError: the loss became NaN.
+        StageError: the loss became NaN (the checkpoint of the last good epoch is kept).
+        DataError: a case does not fit the params (dimensionality, patch size).
 
     """
-    from monai.data import DataLoader, Dataset
-    from monai.losses import DiceCELoss
-    from monai.utils import set_determinism
+    from monai.data import Dataset
 
     if not train_cases:
-        raise StageError("the train split is empty; add labelled cases or lower the split fractions")
-    set_determinism(seed=seed)
+        raise DataError("the train split is empty; add labelled cases or lower the split fractions")
+    check_cases(train_cases, params, "train")
+    check_cases(val_cases, params, "val")
+    rank, world = _distributed()
     device = resolve_device(params.device)
-    in_channels = int(train_cases[0].image.shape[0])
-    net = build_unet(params.net, spatial_dims=params.spatial_dims, in_channels=in_channels, out_channels=2)
-    net.to(device)
-    transforms = _train_transforms(params, seed)
-    samples = [{"image": c.image, "label": foreground_target(c.instances)} for c in train_cases]
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        Dataset(samples, transforms),
-        batch_size=params.batch_size,
-        shuffle=True,
-        num_workers=0,
-        generator=generator,
-    )
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = _optimizer(net, params)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    use_amp = params.amp and device.type == "cuda"
+    # CUDA: autotuned cuDNN kernels and AMP are fast but not bit-reproducible; CPU runs are.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.backends.cudnn.deterministic = False
 
-    best_metric, best_epoch, best_state = -math.inf, 0, _copy_state(net)
-    history: list[dict[str, float]] = []
-    for epoch in range(1, params.epochs + 1):
-        net.train()
+    seed_everything(seed)
+    net = build_unet(
+        params.net,
+        spatial_dims=params.spatial_dims,
+        in_channels=train_cases[0].channels,
+        out_channels=target_classes(params.target),
+    ).to(device)
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
+    optimizer = _optimizer(net, params)
+    scheduler = _scheduler(optimizer, params)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    loss_fn = SegmentationLoss(params)
+    param_document = params.model_dump(mode="json")
+
+    state = TrainState()
+    if checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(
+            checkpoint,
+            net=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            params=param_document,
+        )
+    resumed_from = state.epoch
+
+    transforms = _train_transforms(params)
+    if sum(sample_bytes(case, params) for case in train_cases) <= params.cache_gib * 2**30:
+        samples = [prepare_sample(case, params) for case in train_cases]
+        dataset = Dataset(samples * params.epoch_repeats, transforms)
+    else:
+        from monai.transforms import Compose
+
+        dataset = Dataset(
+            list(train_cases) * params.epoch_repeats,
+            Compose([_PrepareSample(params), *transforms.transforms]),
+        )
+
+    for epoch in range(state.epoch + 1, params.epochs + 1):
+        seed_now = epoch_seed(seed, epoch)
+        seed_everything(seed_now + rank)
+        loader = _loader(dataset, params, seed_now, rank, world)
+        model.train()
         losses = []
         for batch in loader:
-            images, targets = batch["image"].to(device), batch["label"].to(device)
+            batch = {key: value.to(device) for key, value in batch.items()}
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(images), targets)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(batch["image"])
+            loss = loss_fn(logits, batch)
             if not torch.isfinite(loss):
                 raise StageError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower train.optim.lr "
-                    "or check the intensity normalisation"
+                    f"training loss became {loss.item()} at epoch {epoch}; the checkpoint of epoch "
+                    f"{epoch - 1} is kept. Lower train.optim.lr or check the intensity normalisation"
                 )
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.item()))
         scheduler.step()
-        metrics = {"train/loss": float(np.mean(losses)), "train/lr": scheduler.get_last_lr()[0]}
-        if val_cases and (epoch % params.val_every == 0 or epoch == params.epochs):
-            metrics.update(validate(net, val_cases, params, device))
-            score = metrics[f"val/{params.select_on}"]
-            if not math.isnan(score) and score > best_metric:
-                best_metric, best_epoch, best_state = score, epoch, _copy_state(net)
-        elif not val_cases:
-            best_epoch, best_state = epoch, _copy_state(net)
-        history.append({"epoch": float(epoch), **metrics})
-        on_epoch(epoch, metrics)
-        progress("train", epoch, params.epochs)
-    return TrainResult(best_state, best_epoch, best_metric, history)
+        metrics = {
+            "train/loss": _mean_over_ranks(losses, world),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/steps": float(len(losses)),
+        }
+        stop = rank == 0 and _validate_epoch(net, val_cases, params, device, epoch, metrics, state)
+        state.epoch = epoch
+        state.history.append({"epoch": float(epoch), **metrics})
+        if rank == 0:
+            on_epoch(epoch, metrics)
+            progress("train", epoch, params.epochs, f"loss {metrics['train/loss']:.4f}")
+            if checkpoint is not None and (
+                stop or epoch % params.checkpoint_every == 0 or epoch == params.epochs
+            ):
+                save_checkpoint(
+                    checkpoint,
+                    net=net,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    state=state,
+                    params=param_document,
+                )
+        if _broadcast_flag(stop, world):
+            break
+    last = _copy_state(net)
+    return TrainResult(
+        state.best_state or last,
+        last,
+        state.best_epoch,
+        state.best_metric,
+        state.history,
+        resumed_from,
+        world,
+    )
 
 
-def _train_transforms(params: TrainParams, seed: int) -> object:
+def _validate_epoch(
+    net: torch.nn.Module,
+    val_cases: Sequence[TrainingCase],
+    params: TrainParams,
+    device: torch.device,
+    epoch: int,
+    metrics: dict[str, float],
+    state: TrainState,
+) -> bool:
+    """Validate when due, update the best weights; return True when early stopping is due."""
+    if not val_cases:  # the last epoch is the best; its weights are taken at the end
+        state.best_epoch = epoch
+        return False
+    if epoch % params.val_every and epoch != params.epochs:
+        return False
+    metrics.update(validate(net, val_cases, params, device))
+    score = metrics[f"val/{params.select_on}"]
+    if not math.isnan(score) and score > state.best_metric:
+        state.best_metric, state.best_epoch, state.best_state = score, epoch, _copy_state(net)
+        state.stale = 0
+        return False
+    state.stale += 1
+    return bool(params.patience) and state.stale >= params.patience
+
+
+def _loader(dataset: Any, params: TrainParams, seed: int, rank: int, world: int) -> Any:
+    """Batches of one epoch; under DDP each rank reads its share (``batch_size`` per rank).
+
+    MONAI's ``DataLoader`` seeds the dataset's random transforms from ``generator``, so the
+    augmentation of the epoch follows from ``seed`` (and differs between ranks).
+    """
+    from monai.data import DataLoader
+    from torch.utils.data import DistributedSampler
+
+    generator = torch.Generator().manual_seed(seed + rank)
+    order = (
+        {"sampler": DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)}
+        if world > 1
+        else {"shuffle": True}
+    )
+    return DataLoader(
+        dataset, batch_size=params.batch_size, num_workers=params.num_workers, generator=generator, **order
+    )
+
+
+def _mean_over_ranks(values: list[float], world: int) -> float:
+    mean = float(np.mean(values)) if values else float("nan")
+    if world == 1:
+        return mean
+    total = torch.tensor([mean])
+    torch.distributed.all_reduce(total)
+    return float(total.item()) / world
+
+
+def _broadcast_flag(flag: bool, world: int) -> bool:
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def _train_transforms(params: TrainParams) -> Any:
     from medseg.transforms.presets import train_transforms
 
-    compose = train_transforms(params)
-    compose.set_random_state(seed=seed)
-    return compose
+    return train_transforms(params)
 
 
 def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

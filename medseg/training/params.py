@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medseg.inference.settings import InferenceSettings
+from medseg.inference.settings import InferenceSettings, TargetKind
 from medseg.nets.unet import NetParams
 from medseg.params import Params
 
@@ -21,36 +21,89 @@ class OptimParams(Params):
 
 
 class AugmentParams(Params):
-    """Random augmentation applied to training patches only."""
+    """Random augmentation applied to training patches only (MONAI transforms).
+
+    ``elastic`` is the probability of a smooth elastic deformation, the U-Net paper's main
+    augmentation. In 2D it is the paper's scheme: random displacements on a coarse grid of
+    control points ``elastic_scale`` voxels apart, interpolated smoothly (MONAI
+    ``Rand2DElasticd``); in 3D a random displacement field smoothed by a Gaussian of σ =
+    ``elastic_scale`` voxels (``Rand3DElasticd``). ``elastic_magnitude`` scales the
+    displacements (voxels). ``rotate`` is the largest random rotation in degrees; it is
+    applied with the elastic deformation when that is on (one interpolation), else alone.
+    """
 
     flip: bool = True
     rotate90: bool = True
+    rotate: float = Field(0.0, ge=0, le=180)
     intensity: float = Field(0.1, ge=0, le=1)
+    elastic: float = Field(0.0, ge=0, le=1)
+    elastic_scale: float = Field(32.0, gt=0)
+    elastic_magnitude: float = Field(6.0, ge=0)
+
+
+class LossParams(Params):
+    """Training loss.
+
+    - ``dice_ce``: Dice + cross-entropy (MONAI ``DiceCELoss``).
+    - ``border_ce``: the U-Net paper's weighted cross-entropy, weights
+      w(x) = w_c(x) + w0·exp(-(d1+d2)²/(2σ²)) (class balance plus a ridge between objects).
+    - ``dice_border_ce``: Dice + ``border_ce``.
+    """
+
+    name: Literal["dice_ce", "border_ce", "dice_border_ce"] = "dice_ce"
+    w0: float = Field(10.0, ge=0)
+    sigma: float = Field(5.0, gt=0)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the loss needs the border weight map."""
+        return self.name != "dice_ce"
 
 
 class TrainParams(Params):
     """Train a U-Net on the train split, validating on the val split.
 
     ``patch_size`` is in voxels (array axis order) and must be a multiple of the net's
-    total stride. ``select_on`` picks the validation metric that chooses the best weights.
-    ``min_object_size`` (voxels) and ``fill_holes`` set the post-processing that turns the
-    foreground into instances; they travel with the model in its card.
+    total stride. ``target`` is what the net learns: ``foreground`` (instances are connected
+    components) or ``boundary`` (background / interior / border of ``border_width`` voxels;
+    instances grow from interior seeds, which separates touching objects). ``select_on``
+    picks the validation metric that chooses the best weights; validation runs every
+    ``val_every`` epochs and training stops early after ``patience`` validations without
+    improvement (0 = never). ``schedule`` sets the learning-rate schedule over ``epochs``.
+    An epoch visits every training case ``epoch_repeats`` times (``samples_per_image``
+    patches each visit), so a small dataset gets enough steps between validations.
+    ``min_object_size`` (voxels) and ``fill_holes`` set the post-processing; they travel
+    with the model in its card. ``amp`` (mixed precision) and cuDNN autotuning apply on CUDA
+    only; CPU runs are bit-reproducible for a seed (for a given ``num_workers``, the number
+    of data-loading processes that prepare patches beside the training loop). Cases are held
+    in memory when they fit in ``cache_gib``, else read from disk for every patch. The
+    resumable checkpoint is written every ``checkpoint_every`` epochs (and at the end).
     """
 
     spatial_dims: Literal[2, 3] = 2
     net: NetParams = NetParams()
     optim: OptimParams = OptimParams()
     augment: AugmentParams = AugmentParams()
+    loss: LossParams = LossParams()
+    target: TargetKind = "foreground"
+    border_width: int = Field(2, ge=1)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(4, ge=1)
     patch_size: tuple[int, ...] = (128, 128)
     samples_per_image: int = Field(4, ge=1)
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
     val_every: int = Field(1, ge=1)
+    epoch_repeats: int = Field(1, ge=1)
+    patience: int = Field(0, ge=0)
     select_on: Literal["dice", "seg"] = "dice"
     overlap: float = Field(0.25, ge=0, lt=1)
     min_object_size: int = Field(10, ge=0)
     fill_holes: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    cache_gib: float = Field(4.0, ge=0)
+    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(1, ge=1)
 
     @property
     def inference(self) -> InferenceSettings:
@@ -60,6 +113,7 @@ class TrainParams(Params):
             overlap=self.overlap,
             min_object_size=self.min_object_size,
             fill_holes=self.fill_holes,
+            target=self.target,
         )
 
     @model_validator(mode="after")

@@ -1,25 +1,36 @@
 """MONAI dictionary ``Compose`` presets for training patches.
 
-Samples are dicts with ``image`` ``(C, *spatial)`` float32 and ``label`` ``(1, *spatial)``
-integer class targets. Deterministic preprocessing happened at ingest; only random
-augmentation lives here.
+Samples are dicts with ``image`` ``(C, *spatial)`` float32, ``label`` ``(1, *spatial)``
+integer class targets and, for weighted losses, ``weight`` ``(1, *spatial)`` float32 loss
+weights. Deterministic preprocessing happened at ingest; only patch sampling and random
+augmentation live here.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from medseg.training.params import TrainParams
 
 
+def sample_keys(params: TrainParams) -> list[str]:
+    """Keys of a training sample: ``image``, ``label`` and ``weight`` for weighted losses."""
+    return ["image", "label", "weight"] if params.loss.weighted else ["image", "label"]
+
+
 def train_transforms(params: TrainParams) -> Any:
-    """Patch sampling balanced between foreground and background, flips, rotations, intensity."""
+    """Foreground/background-balanced patches, flips, rotations, elastic deformation, intensity.
+
+    Images and weights are interpolated bilinearly, labels by nearest neighbour.
+    """
     from monai import transforms as mt
 
-    keys = ["image", "label"]
+    keys = sample_keys(params)
+    modes = ["bilinear", "nearest", "bilinear"][: len(keys)]
+    augment = params.augment
     spatial_axes = tuple(range(params.spatial_dims))
     steps: list[Any] = [
-        mt.SpatialPadd(keys, spatial_size=params.patch_size),
         mt.RandCropByPosNegLabeld(
             keys,
             label_key="label",
@@ -29,14 +40,35 @@ def train_transforms(params: TrainParams) -> Any:
             num_samples=params.samples_per_image,
         ),
     ]
-    if params.augment.flip:
+    if augment.flip:
         steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in spatial_axes]
-    if params.augment.rotate90:
+    if augment.rotate90:
         steps.append(mt.RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1)))
-    if params.augment.intensity > 0:
+    angle = math.radians(augment.rotate)
+    if augment.elastic > 0:
+        elastic = mt.Rand2DElasticd if params.spatial_dims == 2 else mt.Rand3DElasticd
+        scale = (
+            {"spacing": (augment.elastic_scale,) * 2}
+            if params.spatial_dims == 2
+            else {"sigma_range": (augment.elastic_scale, augment.elastic_scale)}
+        )
+        steps.append(
+            elastic(
+                keys,
+                **scale,
+                magnitude_range=(0.0, augment.elastic_magnitude),
+                prob=augment.elastic,
+                rotate_range=angle or None,
+                mode=modes,
+                padding_mode="reflection",
+            )
+        )
+    elif angle:
+        steps.append(mt.RandRotated(keys, range_x=angle, prob=0.5, mode=modes, padding_mode="reflection"))
+    if augment.intensity > 0:
         steps += [
-            mt.RandScaleIntensityd("image", factors=params.augment.intensity, prob=0.5),
-            mt.RandShiftIntensityd("image", offsets=params.augment.intensity, prob=0.5),
+            mt.RandScaleIntensityd("image", factors=augment.intensity, prob=0.5),
+            mt.RandShiftIntensityd("image", offsets=augment.intensity, prob=0.5),
         ]
     steps.append(mt.EnsureTyped(keys, track_meta=False))
     return mt.Compose(steps)

@@ -86,4 +86,4 @@ def test_gowt1_example_as_committed(tmp_path):
     summary = next(Path(tmp_path / "ws" / "cache").glob("*/report/summary.json"))
     metrics = json.loads(summary.read_text())
     assert metrics["n_cases"] == 27 and metrics["n_reference"] > 50
-    assert metrics["seg"] > 0.45, metrics  # 30 CPU epochs: 0.496 on the development machine
+    assert metrics["seg"] > 0.58, metrics  # 80 CPU steps, boundary-aware: 0.613 on the development machine

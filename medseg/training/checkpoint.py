@@ -1,0 +1,119 @@
+"""Training checkpoints: everything needed to continue a run exactly, loaded weights-only.
+
+A checkpoint is written at the end of every epoch, atomically (temp file, then rename), so a
+run killed at any moment finds the last complete epoch. It holds tensors, numbers, strings
+and lists/dicts of them only, and is read with ``torch.load(weights_only=True)``: nothing
+in it is unpickled as Python code.
+
+Random state: every epoch reseeds all generators (torch, numpy, Python, the augmentation
+transforms and the batch order) from ``(seed, epoch)``, so the RNG state at an epoch boundary
+is a function of the seed and the epoch number stored here; resuming needs no generator
+snapshot and gives bit-identical results on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import StageError
+
+CHECKPOINT_FILE = "last_epoch.pt"
+
+
+@dataclass
+class TrainState:
+    """Progress of a run besides the network and optimiser.
+
+    Attributes:
+        epoch: last completed epoch (0 before the first).
+        best_metric: best validation score so far (``-inf`` before any validation).
+        best_epoch: epoch of the best score.
+        best_state: weights of the best epoch (CPU tensors; empty while the best is the
+            current weights, as in a run without validation cases).
+        history: per-epoch metrics ``{"epoch": e, "train/loss": ..., "val/...": ...}``.
+        stale: validations since the best one (for early stopping).
+
+    """
+
+    epoch: int = 0
+    best_metric: float = float("-inf")
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    stale: int = 0
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+    params: dict[str, Any],
+) -> None:
+    """Write the full training state to ``path`` atomically."""
+    payload = {
+        "format": "medseg-checkpoint/1",
+        "net": {name: tensor.detach().cpu() for name, tensor in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": state.epoch,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "best_state": state.best_state,
+        "history": state.history,
+        "stale": state.stale,
+        "params": json.dumps(params, sort_keys=True),
+    }
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    params: dict[str, Any],
+) -> TrainState:
+    """Restore net, optimiser, scheduler and scaler from ``path``; return the run's progress.
+
+    Raises:
+        StageError: the file is unreadable or was written for other params.
+
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        raise StageError(
+            f"checkpoint {path.name} in the workspace cannot be read ({type(exc).__name__}); "
+            "delete it to train from the start"
+        ) from exc
+    if payload.get("params") != json.dumps(params, sort_keys=True):
+        raise StageError(
+            f"checkpoint {path.name} was written for other train params; delete it to train from the start"
+        )
+    net.load_state_dict(payload["net"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    return TrainState(
+        epoch=int(payload["epoch"]),
+        best_metric=float(payload["best_metric"]),
+        best_epoch=int(payload["best_epoch"]),
+        best_state=dict(payload["best_state"]),
+        history=list(payload["history"]),
+        stale=int(payload["stale"]),
+    )

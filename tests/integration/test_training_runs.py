@@ -1,0 +1,192 @@
+"""Training as users run it: resume after SIGKILL, and DistributedDataParallel under torchrun."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from mlflow.tracking import MlflowClient
+
+from medseg.demo import write_phantom_ctc
+from medseg.training.checkpoint import CHECKPOINT_FILE
+from medseg.training.loop import train_segmentation
+from tests.integration.helpers import child_runs, write_workflow
+from tests.unit.test_training import phantom_cases, same_weights, tiny_params
+
+pytestmark = pytest.mark.integration
+
+TRAIN = {
+    "epochs": 6,
+    "patch_size": [32, 32],
+    "batch_size": 2,
+    "net": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+    "target": "boundary",
+    "loss": {"name": "dice_border_ce"},
+    "augment": {"elastic": 0.5, "rotate": 20},
+}
+
+
+def env_without_tracking() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "MEDSEG_WORKSPACE"}}
+
+
+def cached_weights(workspace: Path, name: str) -> dict[str, torch.Tensor]:
+    files = list((workspace / "cache").glob(f"*/model/{name}"))
+    assert len(files) == 1, files
+    return torch.load(files[0], weights_only=True)
+
+
+def checkpoint_epoch(workspace: Path) -> int:
+    files = list((workspace / "scratch").glob(f"*/{CHECKPOINT_FILE}"))
+    if not files:
+        return 0
+    try:
+        return int(torch.load(files[0], weights_only=True)["epoch"])
+    except (RuntimeError, EOFError, OSError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    data = write_phantom_ctc(root / "data", frames=8, size=64, seed=4)
+    params = {"ingest": {"train_on": "all"}, "train": TRAIN}
+    return write_workflow(root, data, name="runs", params=params, experiment="runs")
+
+
+def test_sigkill_mid_training_then_rerun_resumes_to_identical_weights(workflow, tmp_path):
+    command = [sys.executable, "-m", "medseg.cli", "run", str(workflow), "--workspace"]
+    reference = subprocess.run(
+        [*command, str(tmp_path / "uninterrupted")],
+        capture_output=True,
+        text=True,
+        env=env_without_tracking(),
+    )
+    assert reference.returncode == 0, reference.stderr
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*command, str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env_without_tracking(),
+    )
+    deadline = time.monotonic() + 240
+    while checkpoint_epoch(killed) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be killed; give it more epochs"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = checkpoint_epoch(killed)
+    assert 2 <= done < TRAIN["epochs"]
+    assert not list((killed / "cache").glob("*/model"))  # nothing of train committed
+
+    resumed = subprocess.run(
+        [*command, str(killed)], capture_output=True, text=True, env=env_without_tracking()
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stages executed: train, evaluate, export" in resumed.stderr  # ingest was committed before
+    for name in ("weights.pt", "last_weights.pt"):
+        assert same_weights(cached_weights(tmp_path / "uninterrupted", name), cached_weights(killed, name))
+    assert not list((killed / "scratch").iterdir())  # checkpoints removed on commit
+    assert not list((killed / "cache" / "tmp").iterdir())  # the killed run's temp output is gone
+
+    client = MlflowClient(f"sqlite:///{killed / 'mlflow.db'}")
+    train_runs = client.search_runs(
+        [client.get_experiment_by_name("runs").experiment_id], "tags.medseg.stage = 'train'"
+    )
+    finished = [run for run in train_runs if run.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].data.metrics["train/resumed_from_epoch"] == done
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    out = Path(folder) / f"rank{rank}"
+    out.mkdir()
+    reported: list[int] = []
+    result = train_segmentation(
+        phantom_cases(4),
+        phantom_cases(1, seed=10),
+        tiny_params(),
+        seed=3,
+        on_epoch=lambda epoch, metrics: reported.append(epoch),
+        progress=lambda *args: None,
+        checkpoint=out / CHECKPOINT_FILE,
+    )
+    torch.save(
+        {
+            "weights": result.last_state_dict,
+            "reported": torch.tensor(reported),
+            "steps": result.history[-1]["train/steps"],
+        },
+        out / "result.pt",
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_stay_in_sync_and_only_rank0_reports(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}" / "result.pt", weights_only=True) for r in (0, 1)]
+    assert same_weights(ranks[0]["weights"], ranks[1]["weights"])  # gradients were averaged
+    assert ranks[0]["reported"].tolist() == [1, 2, 3] and ranks[1]["reported"].tolist() == []
+    assert (tmp_path / "rank0" / CHECKPOINT_FILE).is_file()
+    assert not (tmp_path / "rank1" / CHECKPOINT_FILE).exists()
+    single = train_segmentation(
+        phantom_cases(4),
+        phantom_cases(1, seed=10),
+        tiny_params(),
+        seed=3,
+        on_epoch=lambda *a: None,
+        progress=lambda *a: None,
+    )
+    # 4 cases, batch 2 per rank: each rank takes 1 step per epoch where one process takes 2.
+    assert single.history[-1]["train/steps"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 1
+    assert not same_weights(single.last_state_dict, ranks[0]["weights"])
+
+
+def test_torchrun_workflow_tracks_once_from_rank0(workflow, tmp_path):
+    workspace = tmp_path / "ws"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "medseg.cli",
+            "run",
+            str(workflow),
+            "--workspace",
+            str(workspace),
+        ],
+        capture_output=True,
+        text=True,
+        env=env_without_tracking(),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr.count("stages executed: ingest, train, evaluate, export") == 1
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("runs")
+    parents = client.search_runs([experiment.experiment_id], "tags.medseg.workflow = 'runs'")
+    parents = [run for run in parents if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = child_runs(client, experiment.experiment_id, parents[0].info.run_id)
+    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    train_run = children["train"]
+    assert train_run.data.metrics["train/world_size"] == 2
+    steps = client.get_metric_history(train_run.info.run_id, "train/steps")
+    # 4 train frames, batch 2 per rank: one step per rank and epoch.
+    assert len(steps) == TRAIN["epochs"] and all(m.value == 1 for m in steps)
+    assert np.isfinite(parents[0].data.metrics["eval/seg"])

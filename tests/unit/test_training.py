@@ -1,0 +1,321 @@
+"""Training: targets and weights (known answers), the paper's net, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.demo import phantom_frame
+from medseg.errors import DataError, StageError
+from medseg.inference.predict import boundary_to_instances
+from medseg.nets.unet import NetParams, build_unet
+from medseg.training.checkpoint import CHECKPOINT_FILE
+from medseg.training.loop import TrainingCase, train_segmentation
+from medseg.training.params import TrainParams
+from medseg.training.targets import border_weight_map, boundary_target, class_balance_weights
+
+
+def two_touching_squares() -> np.ndarray:
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 3:13] = 1
+    labels[5:15, 13:23] = 2
+    return labels
+
+
+def test_boundary_target_marks_the_contact_and_the_rim():
+    target = boundary_target(two_touching_squares(), border_width=1)[0]
+    assert target.shape == (20, 30)
+    assert target[10, 12] == target[10, 13] == 2  # both sides of the contact line
+    assert target[5, 8] == 2 and target[10, 3] == 2  # outer rim
+    assert target[10, 8] == 1 and target[10, 17] == 1  # interiors
+    assert (target[:5] == 0).all()
+    assert np.count_nonzero(target == 1) == 2 * 8 * 8
+
+
+def test_boundary_post_processing_separates_touching_objects_exactly():
+    labels = two_touching_squares()
+    instances = boundary_to_instances(boundary_target(labels, 1)[0], min_size=1)
+    assert len(np.unique(instances)) == 3
+    for index in (1, 2):
+        found = np.unique(instances[labels == index])
+        assert len(found) == 1 and found[0] > 0  # each object is exactly one instance
+    assert ((instances > 0) == (labels > 0)).all()
+
+
+def test_unseeded_foreground_becomes_its_own_object_and_small_ones_drop():
+    classes = np.zeros((12, 12), np.uint8)
+    classes[1:5, 1:5] = 2  # border only: no interior seed
+    classes[8, 8] = 2  # a single stray pixel
+    instances = boundary_to_instances(classes, min_size=4, fill_holes=False)
+    assert instances.max() == 1 and np.count_nonzero(instances) == 16
+
+
+def test_class_balance_weights_give_objects_and_background_equal_totals():
+    labels = np.zeros((10, 10), np.int32)
+    labels[:2] = 1  # 20 object pixels, 80 background
+    weights = class_balance_weights(labels)[0]
+    assert weights[labels == 1].sum() == pytest.approx(weights[labels == 0].sum())
+    assert weights.mean() == pytest.approx(1.0)
+    assert (class_balance_weights(np.zeros((4, 4), np.int32)) == 1).all()
+
+
+def test_border_weight_ridge_between_objects_is_the_papers_formula():
+    labels = np.zeros((20, 31), np.int32)
+    labels[5:15, 3:14] = 1
+    labels[5:15, 17:28] = 2  # gap of three pixels: columns 14, 15, 16
+    weights = border_weight_map(labels, w0=10.0, sigma=5.0)[0]
+    base = class_balance_weights(labels)[0]
+    # In the middle of the gap d1 = d2 = 2 pixels.
+    assert weights[10, 15] - base[10, 15] == pytest.approx(10 * math.exp(-(4**2) / 50), rel=1e-6)
+    # At the corner d1 = |(5, 3)| and d2 = |(5, 17)|: the ridge has almost vanished.
+    corner = math.hypot(5, 3) + math.hypot(5, 17)
+    assert weights[0, 0] - base[0, 0] == pytest.approx(10 * math.exp(-(corner**2) / 50), abs=1e-6)
+    single = np.where(labels == 1, 1, 0)
+    assert np.allclose(border_weight_map(single), class_balance_weights(single))  # no second object
+
+
+def test_ronneberger_preset_is_the_papers_layout():
+    params = NetParams.model_validate({"architecture": "ronneberger"})
+    assert params.channels == (64, 128, 256, 512, 1024)
+    net = build_unet(params, spatial_dims=2, in_channels=1, out_channels=2)
+    modules = list(net.modules())
+    convs = [m for m in modules if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    ups = [m for m in modules if isinstance(m, torch.nn.ConvTranspose2d)]
+    pools = [m for m in modules if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(convs) == 18  # two 3×3 convolutions at each of 9 levels on the way down and up
+    assert len(pools) == 4 and all(p.kernel_size == 2 for p in pools)
+    assert len(ups) == 4 and all(u.kernel_size == (2, 2) and u.stride == (2, 2) for u in ups)
+    assert [c.out_channels for c in convs[:10:2]] == [64, 128, 256, 512, 1024]
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(31.0e6, rel=0.01)
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+    with pytest.raises(ValueError, match="residual"):
+        NetParams.model_validate({"architecture": "ronneberger", "num_res_units": 2})
+
+
+def phantom_case(case_id: str, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    image, labels, _ = phantom_frame(np.random.default_rng(seed), size, 3)
+    return (image / image.max()).astype(np.float32)[None], labels.astype(np.int32)
+
+
+def phantom_cases(count: int, seed: int = 0) -> list[TrainingCase]:
+    return [
+        TrainingCase.in_memory(f"case_{index:04d}", *phantom_case(f"case_{index:04d}", seed + index))
+        for index in range(count)
+    ]
+
+
+def tiny_params(**overrides) -> TrainParams:
+    base = {
+        "net": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "epochs": 3,
+        "batch_size": 2,
+        "patch_size": [16, 16],
+        "samples_per_image": 2,
+        "target": "boundary",
+        "loss": {"name": "dice_border_ce"},
+        "augment": {"elastic": 0.5, "rotate": 15},
+    }
+    return TrainParams.model_validate({**base, **overrides})
+
+
+def train(params: TrainParams, **kwargs):
+    epochs: list[int] = []
+    result = train_segmentation(
+        phantom_cases(3),
+        phantom_cases(1, seed=10),
+        params,
+        seed=kwargs.pop("seed", 7),
+        on_epoch=lambda epoch, metrics: epochs.append(epoch),
+        progress=kwargs.pop("progress", lambda *args: None),
+        **kwargs,
+    )
+    return result, epochs
+
+
+def same_weights(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_same_seed_same_weights_and_another_seed_differs():
+    params = tiny_params()
+    first, epochs = train(params)
+    second, _ = train(params)
+    other, _ = train(params, seed=8)
+    assert epochs == [1, 2, 3]
+    assert same_weights(first.last_state_dict, second.last_state_dict)
+    assert not same_weights(first.last_state_dict, other.last_state_dict)
+    assert [h["train/loss"] for h in first.history] == [h["train/loss"] for h in second.history]
+
+
+def test_resume_from_checkpoint_ends_identical_to_an_uninterrupted_run(tmp_path):
+    params = tiny_params()
+    uninterrupted, _ = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
+
+    class CrashError(Exception):
+        pass
+
+    def crash_after_epoch_2(description, completed, total, status=""):
+        if completed == 2:
+            raise CrashError
+
+    checkpoint = tmp_path / "interrupted" / CHECKPOINT_FILE
+    checkpoint.parent.mkdir()
+    with pytest.raises(CrashError):
+        train(params, checkpoint=checkpoint, progress=crash_after_epoch_2)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # epoch 2 crashed before its save
+    resumed, epochs = train(params, checkpoint=checkpoint)
+    assert resumed.resumed_from == 1 and epochs == [2, 3]
+    assert same_weights(uninterrupted.last_state_dict, resumed.last_state_dict)
+    assert same_weights(uninterrupted.state_dict, resumed.state_dict)
+    assert uninterrupted.history == resumed.history
+
+
+def test_checkpoint_of_other_params_is_refused(tmp_path):
+    checkpoint = tmp_path / CHECKPOINT_FILE
+    train(tiny_params(epochs=1), checkpoint=checkpoint)
+    with pytest.raises(StageError, match="other train params"):
+        train(tiny_params(epochs=2), checkpoint=checkpoint)
+
+
+def test_cases_read_from_disk_train_exactly_like_cases_in_memory():
+    in_memory, _ = train(tiny_params())
+    from_disk, _ = train(tiny_params(cache_gib=0))
+    assert same_weights(in_memory.last_state_dict, from_disk.last_state_dict)
+
+
+def test_early_stopping_ends_the_run():
+    result, epochs = train(tiny_params(epochs=30, patience=1, optim={"lr": 1e-9}, schedule="constant"))
+    assert len(epochs) < 30 and result.epochs_run == len(epochs)
+    assert result.best_epoch == 1
+
+
+def test_patch_larger_than_image_names_the_case():
+    with pytest.raises(DataError, match=r"train case case_0000 has shape \(32, 32\).*patch_size"):
+        train(tiny_params(patch_size=[64, 64]))
+
+
+def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path):
+    image, labels = phantom_case("case_0001", 0)
+    image[0, 0, 0] = np.nan  # poisons the loss whenever a patch covers the corner
+    checkpoint = tmp_path / CHECKPOINT_FILE
+    with pytest.raises(StageError, match=r"loss became nan at epoch (\d+).*lr") as raised:
+        train_segmentation(
+            [TrainingCase.in_memory("case_0001", image, labels)],
+            [],
+            tiny_params(epochs=50),
+            seed=0,
+            on_epoch=lambda *args: None,
+            progress=lambda *args: None,
+            checkpoint=checkpoint,
+        )
+    epoch = int(re.search(r"epoch (\d+)", str(raised.value)).group(1))
+    if epoch == 1:
+        assert not checkpoint.exists()
+    else:
+        assert torch.load(checkpoint, weights_only=True)["epoch"] == epoch - 1
+        assert f"checkpoint of epoch {epoch - 1} is kept" in str(raised.value)
+
+
+def ball_volume(seed: int, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D phantom: three touching-or-near balls, image ``(1, D, H, W)`` and labels ``(D, H, W)``."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((size,) * 3)
+    labels = np.zeros((size,) * 3, np.int32)
+    for index in range(1, 4):
+        centre = rng.uniform(6, size - 6, size=3)
+        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < rng.uniform(9, 25)
+        labels[inside & (labels == 0)] = index
+    image = (labels > 0).astype(np.float32) + rng.normal(0, 0.2, labels.shape).astype(np.float32)
+    return image[None], labels
+
+
+@pytest.mark.parametrize("cache_gib", [4.0, 0.0])
+def test_3d_training_runs_on_patches_from_memory_or_disk(cache_gib):
+    params = TrainParams.model_validate(
+        {
+            "spatial_dims": 3,
+            "net": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+            "epochs": 2,
+            "batch_size": 2,
+            "patch_size": [16, 16, 16],
+            "samples_per_image": 2,
+            "target": "boundary",
+            "loss": {"name": "dice_border_ce", "sigma": 2.0},
+            "augment": {"elastic": 1.0, "elastic_scale": 3.0, "elastic_magnitude": 2.0},
+            "cache_gib": cache_gib,
+        }
+    )
+    cases = [TrainingCase.in_memory(f"case_{i:04d}", *ball_volume(i)) for i in range(2)]
+    result = train_segmentation(
+        cases,
+        [TrainingCase.in_memory("case_0009", *ball_volume(9))],
+        params,
+        seed=0,
+        on_epoch=lambda *a: None,
+        progress=lambda *a: None,
+    )
+    assert result.epochs_run == 2 and np.isfinite(result.history[-1]["train/loss"])
+    assert 0 <= result.history[-1]["val/dice"] <= 1
+    assert result.state_dict["model.0.conv.weight"].shape == (4, 1, 3, 3, 3)
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "border_ce", "dice_border_ce"])
+def test_losses_are_finite_on_float16_logits_as_amp_produces(loss):
+    from medseg.training.loop import SegmentationLoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 3, 64, 64, generator=generator) * 4).half()
+    batch = {
+        "label": torch.randint(0, 3, (8, 1, 64, 64), generator=generator),
+        "weight": torch.rand(8, 1, 64, 64, generator=generator) * 10,
+    }
+    value = SegmentationLoss(tiny_params(loss={"name": loss}))(logits, batch)
+    assert torch.isfinite(value) and value.dtype == torch.float32
+
+
+def index_of(**overrides):
+    from medseg.io.dataset import CaseRecord, DatasetIndex
+
+    case = CaseRecord(
+        "case_0001", "cases/case_0001/image.nii.gz", "cases/case_0001/label.nii.gz", (32, 32), (1.0, 1.0)
+    )
+    fields = {
+        "spatial_dims": 2,
+        "channels": 1,
+        "labels": {"0": "background", "1": "foreground"},
+        "instance_labels": True,
+        "intensity": {},
+        "cases": (case,),
+        "splits": {"train": ["case_0001"], "val": [], "test": []},
+        **overrides,
+    }
+    return DatasetIndex(**fields)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"spatial_dims": 3}, r"dataset is 3D but train.spatial_dims is 2"),
+        (
+            {"instance_labels": False, "labels": {"0": "background", "1": "liver", "2": "tumour"}},
+            r"dataset declares 3 classes \(background, liver, tumour\) but train.target 'boundary' trains 3",
+        ),
+        ({"splits": {"train": [], "val": ["case_0001"], "test": []}}, r"the train split is empty"),
+    ],
+)
+def test_train_stage_refuses_a_dataset_that_does_not_fit(overrides, message):
+    from medseg.stages.train import check_dataset
+
+    with pytest.raises(DataError, match=message):
+        check_dataset(index_of(**overrides), tiny_params())
+    check_dataset(index_of(), tiny_params())  # the fitting dataset passes
+
+
+def test_data_loading_workers_keep_runs_reproducible():
+    first, _ = train(tiny_params(num_workers=2, epochs=2))
+    second, _ = train(tiny_params(num_workers=2, epochs=2))
+    assert same_weights(first.last_state_dict, second.last_state_dict)
