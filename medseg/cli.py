@@ -85,10 +85,14 @@ def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) ->
     collective = collective_from_environment()
     try:
         if collective.rank > 0:
-            return run_workflow(path, workspace=workspace, tracking_uri=tracking_uri, collective=collective)
-        return _run_rank0(path, workspace, tracking_uri, collective)
-    finally:
-        leave(collective)
+            result = run_workflow(path, workspace=workspace, tracking_uri=tracking_uri, collective=collective)
+        else:
+            result = _run_rank0(path, workspace, tracking_uri, collective)
+    except BaseException:
+        leave(collective, together=False)
+        raise
+    leave(collective, together=True)
+    return result
 
 
 def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective: Any) -> Any:
@@ -249,6 +253,37 @@ def evaluate(
         write_case_table(out / "per_case.csv", cases)
         write_summary(out / "summary.json", summary)
         console.print(f"wrote {out}/per_case.csv and summary.json")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="Folder tree of DICOM files.", exists=True, file_okay=False)],
+    list_series: Annotated[
+        bool, typer.Option("--list", help="List the image series found (headers only, no PHI).")
+    ] = False,
+) -> None:
+    """Inspect a DICOM folder: its series, without names, IDs, dates or UIDs (hashed keys).
+
+    Ingestion itself runs as the first stage of a workflow (``medseg run``).
+    """
+    from medseg.io.dicom import index_dicom
+
+    if not list_series:
+        console.print("error: use --list to list a folder's series; ingestion runs inside `medseg run`")
+        raise typer.Exit(1)
+    with _errors():
+        index = index_dicom(source)
+    table = Table(title=f"{len(index.series)} series", show_header=True)
+    columns = ("series", "modality", "description", "slices", "size", "orientation", "multiframe")
+    for column in columns:
+        table.add_column(column)
+    for series in index.series:
+        row = series.listing()
+        table.add_row(*(str(row[column]) for column in columns))
+    Console().print(table)
+    if index.skipped:
+        skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(index.skipped.items()))
+        console.print(f"skipped: {skipped}")
 
 
 @cache_app.command("gc")

@@ -11,7 +11,16 @@ from pydantic import Field
 
 from medseg.errors import DataError
 from medseg.io.dataset import CaseRecord, DatasetIndex, write_index
-from medseg.io.layouts import SourceCase, discover_ctc, discover_paired, is_fully_annotated
+from medseg.io.dicom import SeriesRules
+from medseg.io.geometry import canonical, check_same_grid, resample_to_grid, resample_to_spacing
+from medseg.io.layouts import (
+    SourceCase,
+    discover_cases,
+    discover_ctc,
+    discover_msd,
+    discover_paired,
+    is_fully_annotated,
+)
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume
 from medseg.params import Params
@@ -20,12 +29,16 @@ from medseg.params import Params
 class NormalizeParams(Params):
     """Deterministic intensity normalisation applied once at ingest.
 
-    ``percentile`` maps the ``lower``/``upper`` percentiles of each image to 0/1 (microscopy).
+    - ``percentile`` maps the ``lower``/``upper`` percentiles of each image to 0/1 (microscopy);
+    - ``ct`` clips to the ``window`` in Hounsfield units and maps it to 0/1;
+    - ``zscore`` subtracts the mean and divides by the standard deviation (MR);
+    - ``none`` keeps the values.
     """
 
-    method: Literal["percentile", "none"] = "percentile"
+    method: Literal["percentile", "ct", "zscore", "none"] = "percentile"
     lower: float = Field(1.0, ge=0, lt=100)
     upper: float = Field(99.8, gt=0, le=100)
+    window: tuple[float, float] = (-1000.0, 1000.0)
 
 
 class SplitParams(Params):
@@ -41,13 +54,31 @@ class IngestParams(Params):
     ``train_on: fully_annotated`` keeps sparsely annotated CTC frames (some cells outlined,
     others not) out of training and validation: they would teach unannotated cells as
     background. They go to the test split, where SEG (per reference object) is valid.
+
+    ``layout: cases`` reads one folder per case (``case_pattern``), with ``image`` and
+    ``label`` globs inside it; a DICOM image folder is read as the series ``series`` selects.
+    ``layout: msd`` reads a Decathlon / nnU-Net folder; its declared labels are the allowed
+    label values unless ``label_values`` says otherwise.
+    3D volumes are reoriented to RAS+. The label must lie on the image's voxel grid
+    (``label_grid: require``) or is resampled onto it by nearest neighbour (``resample``).
+    ``labels: binary`` merges every labelled class into one foreground; ``label_values``
+    declares the values a label may hold (others stop ingest). ``spacing`` (mm, array axis
+    order) resamples 3D cases: images linearly, labels by nearest neighbour.
     """
 
-    layout: Literal["ctc", "paired"] = "ctc"
+    layout: Literal["ctc", "paired", "cases", "msd"] = "ctc"
     sequence: str = "01"
     images_dir: str = "images"
     labels_dir: str = "labels"
+    case_pattern: str = "*"
+    image: str = "image*"
+    label: str = "label*"
+    series: SeriesRules = SeriesRules()
     train_on: Literal["all", "fully_annotated"] = "fully_annotated"
+    labels: Literal["instances", "binary"] = "instances"
+    label_values: tuple[int, ...] | None = None
+    label_grid: Literal["require", "resample"] = "require"
+    spacing: tuple[float, ...] | None = None
     normalize: NormalizeParams = NormalizeParams()
     split: SplitParams = SplitParams()
 
@@ -55,8 +86,12 @@ class IngestParams(Params):
 ProgressFn = Callable[[str, float, float], None]
 
 
-def discover(source: Path, params: IngestParams) -> list[SourceCase]:
+def discover(source: Path, params: IngestParams) -> tuple[list[SourceCase], IngestParams]:
     """List the cases of ``source`` for the configured layout.
+
+    Returns:
+        The cases, and the params completed by the layout (an MSD dataset's declared labels
+        become ``label_values`` unless set).
 
     Raises:
         DataError: the layout's folders are missing or no case is found.
@@ -64,6 +99,12 @@ def discover(source: Path, params: IngestParams) -> list[SourceCase]:
     """
     if params.layout == "ctc":
         cases = discover_ctc(source, params.sequence)
+    elif params.layout == "cases":
+        cases = discover_cases(source, params.case_pattern, params.image, params.label)
+    elif params.layout == "msd":
+        cases, declared = discover_msd(source)
+        if params.label_values is None:
+            params = params.model_copy(update={"label_values": tuple(sorted(declared))})
     else:
         cases = discover_paired(source, params.images_dir, params.labels_dir)
     if not cases:
@@ -71,7 +112,7 @@ def discover(source: Path, params: IngestParams) -> list[SourceCase]:
             f"no annotated case found in the data input (layout '{params.layout}'); "
             "check ingest.layout and that the folder holds images with labels"
         )
-    return cases
+    return cases, params
 
 
 def normalize_intensity(image: np.ndarray, params: NormalizeParams) -> np.ndarray:
@@ -81,6 +122,11 @@ def normalize_intensity(image: np.ndarray, params: NormalizeParams) -> np.ndarra
         raise ValueError("image has NaN or infinite values")
     if params.method == "none":
         return data
+    if params.method == "zscore":
+        return ((data - data.mean()) / max(float(data.std()), 1e-6)).astype(np.float32)
+    if params.method == "ct":
+        low, high = params.window
+        return ((np.clip(data, low, high) - low) / max(high - low, 1e-6)).astype(np.float32)
     low, high = (float(v) for v in np.percentile(data, [params.lower, params.upper]))
     return ((data - low) / max(high - low, 1e-6)).astype(np.float32)
 
@@ -118,15 +164,33 @@ def split_cases(
 
 
 def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, bool]:
-    image = read_image(case.image)
-    label = read_image(case.label, kind="label")
-    if image.spatial_shape != label.spatial_shape:
+    image = read_image(case.image, series=params.series)
+    label = read_image(case.label, kind="label", series=params.series)
+    if image.spatial_dims == 3:
+        image, label = canonical(image), canonical(label)
+        if params.label_grid == "resample" or label.meta.get("modality") == "SEG":  # SEG: place on the grid
+            label = resample_to_grid(label, image.spatial_shape, image.affine, order=0)
+        check_same_grid(image, label, name=case.label.name)
+        if params.spacing is not None:
+            image = resample_to_spacing(image, params.spacing, order=1)
+            label = resample_to_spacing(label, params.spacing, order=0)
+    elif image.spatial_shape != label.spatial_shape:
         raise DataError(
             f"{case.label.name}: mask shape {label.spatial_shape} differs from image "
             f"{case.image.name} shape {image.spatial_shape}; masks must match their image"
         )
-    if label.array.min() < 0:
+    values = np.unique(label.array)
+    if values[0] < 0:
         raise DataError(f"{case.label.name}: negative label values; labels must be >= 0")
+    if params.label_values is not None:
+        unknown = sorted(set(values.tolist()) - set(params.label_values) - {0})
+        if unknown:
+            raise DataError(
+                f"{case.label.name}: label values {unknown[:10]} are not among the declared "
+                f"ingest.label_values {list(params.label_values)}; fix the label or declare them"
+            )
+    if params.labels == "binary":
+        label = Volume((label.array > 0).astype(np.int32), label.affine, kind="label")
     try:
         normalized = normalize_intensity(image.array[0], params.normalize)
     except ValueError as exc:
@@ -139,24 +203,40 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
 
 
 def ingest_dataset(
-    source: Path, params: IngestParams, out_dir: Path, *, seed: int, progress: ProgressFn
+    source: Path,
+    params: IngestParams,
+    out_dir: Path,
+    *,
+    seed: int,
+    progress: ProgressFn,
+    on_discovered: Callable[[dict[str, str]], None] | None = None,
 ) -> tuple[DatasetIndex, dict[str, str]]:
     """Build the canonical dataset in ``out_dir`` from the cases found in ``source``.
 
+    ``on_discovered`` receives the private map ``case id → source name`` before any case is
+    read, so that a message naming a case id can be traced back (by whoever may see it).
+
     Returns:
-        The dataset index and the private map ``case id → source name`` (never to be logged).
+        The dataset index and the private map (never to be logged).
 
     Raises:
         DataError: unreadable images, shape mismatches, empty or unsplittable datasets.
 
     """
-    sources = discover(source, params)
+    sources, params = discover(source, params)
+    source_map = {f"case_{number:04d}": case.source_name for number, case in enumerate(sources, start=1)}
+    if on_discovered is not None:
+        on_discovered(source_map)
     records: list[CaseRecord] = []
-    source_map: dict[str, str] = {}
     spatial_dims = None
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"
-        image, label, full = _read_case(case, params)
+        try:
+            image, label, full = _read_case(case, params)
+        except DataError as exc:
+            raise DataError(
+                f"case {case_id}: {exc} (its source is in the workspace's private/ case map)"
+            ) from exc
         if spatial_dims is None:
             spatial_dims = image.spatial_dims
         elif image.spatial_dims != spatial_dims:
@@ -179,7 +259,6 @@ def ingest_dataset(
                 frame=case.frame,
             )
         )
-        source_map[case_id] = case.source_name
         progress("ingest", number, len(sources))
     trainable = [rec.fully_annotated or params.train_on == "all" for rec in records]
     if not any(trainable):

@@ -6,6 +6,12 @@ Supported layouts:
   ``<seq>_GT/SEG/man_seg<T>.tif`` and tracking markers ``<seq>_GT/TRA/man_track<T>.tif``.
   Only frames with a SEG mask are cases.
 - ``paired``: ``images/<name>.<ext>`` with ``labels/<name>.<ext>`` of the same stem.
+- ``msd``: the Medical Segmentation Decathlon / nnU-Net layout — ``dataset.json`` with
+  ``imagesTr/`` and ``labelsTr/`` (MSD's ``training`` list, or nnU-Net v2's
+  ``<case>_0000<file_ending>`` images with ``<case><file_ending>`` labels); single channel.
+- ``cases``: one folder per case (chosen by a glob), each holding an image — a file
+  (NIfTI, NRRD, TIFF, PNG) or a folder of DICOM files — and a label file, both found by
+  globs inside the case folder (``image*`` / ``label*`` by default).
 """
 
 from __future__ import annotations
@@ -189,3 +195,83 @@ def pair_masks(predictions: Path, references: Path) -> list[tuple[str, Path, Pat
                 "both folders need the same file names"
             )
     return [(name, predicted[name], expected[name]) for name in sorted(expected)]
+
+
+def discover_cases(root: Path, case_pattern: str, image_pattern: str, label_pattern: str) -> list[SourceCase]:
+    """Return one case per folder matching ``case_pattern`` under ``root`` (sorted).
+
+    Inside each case folder ``image_pattern`` must match exactly one file or folder (a DICOM
+    series) and ``label_pattern`` exactly one file. Messages name the case by its number in
+    the sorted list, never by its folder (which may identify a patient).
+
+    Raises:
+        DataError: a pattern matches nothing or more than one entry in a case folder.
+
+    """
+    folders = sorted(path for path in root.glob(case_pattern) if path.is_dir())
+    cases = []
+    for number, folder in enumerate(folders, start=1):
+        found = {}
+        for role, pattern in (("image", image_pattern), ("label", label_pattern)):
+            matches = sorted(folder.glob(pattern))
+            if len(matches) != 1:
+                raise DataError(
+                    f"cases layout: case {number} of {len(folders)} has {len(matches)} entries matching "
+                    f"ingest.{role} '{pattern}' (need exactly 1); fix the folder or the pattern"
+                )
+            found[role] = matches[0]
+        cases.append(
+            SourceCase(source_name=str(folder.relative_to(root)), image=found["image"], label=found["label"])
+        )
+    return cases
+
+
+def discover_msd(root: Path) -> tuple[list[SourceCase], dict[int, str]]:
+    """Cases and declared labels (value → name) of an MSD or nnU-Net v2 dataset folder.
+
+    Raises:
+        DataError: ``dataset.json`` is missing or malformed, a listed file is missing, or
+            the dataset has more than one input channel.
+
+    """
+    import json
+
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise DataError(
+            "msd layout: dataset.json not found in the data input; point it at the dataset folder"
+        )
+    try:
+        document = json.loads(path.read_text())
+        channels = document.get("channel_names") or document.get("modality") or {"0": "image"}
+        raw_labels = document["labels"]
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise DataError(
+            f"msd layout: dataset.json is malformed ({type(exc).__name__}: {exc}); fix it"
+        ) from exc
+    if len(channels) != 1:
+        raise DataError(f"msd layout: {len(channels)} input channels; medseg ingests single-channel datasets")
+    # MSD: {"0": "background"}; nnU-Net v2: {"background": 0}.
+    labels = {
+        int(value): str(name)
+        for key, item in raw_labels.items()
+        for value, name in ([(key, item)] if str(key).isdigit() else [(item, key)])
+    }
+    if "training" in document:
+        pairs = [(root / entry["image"], root / entry["label"]) for entry in document["training"]]
+    else:
+        ending = document.get("file_ending", ".nii.gz")
+        pairs = [
+            (image, root / "labelsTr" / (image.name[: -len(f"_0000{ending}")] + ending))
+            for image in sorted((root / "imagesTr").glob(f"*_0000{ending}"))
+        ]
+    cases = []
+    for number, (image, label) in enumerate(pairs, start=1):
+        for role, file in (("image", image), ("label", label)):
+            if not file.is_file():
+                raise DataError(
+                    f"msd layout: the {role} of training case {number} listed in dataset.json is missing; "
+                    "fix dataset.json or add the file"
+                )
+        cases.append(SourceCase(source_name=_stem(label), image=image, label=label))
+    return cases, labels

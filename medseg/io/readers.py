@@ -1,18 +1,24 @@
-"""Read and write single images: TIFF/PNG microscopy and NIfTI."""
+"""Read and write single images: TIFF/PNG microscopy, NIfTI, NRRD and DICOM series folders."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medseg.errors import DataError
 from medseg.io.volume import Volume, VolumeKind, affine_from_spacing
 
+if TYPE_CHECKING:
+    from medseg.io.dicom import SeriesRules
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES + NIFTI_SUFFIXES
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+DICOM_SEG_SUFFIXES = (".dcm", ".seg")
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES + NIFTI_SUFFIXES + NRRD_SUFFIXES + DICOM_SEG_SUFFIXES
 
 
 def image_suffix(path: Path) -> str:
@@ -23,22 +29,36 @@ def image_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_image(path: str | Path, *, kind: VolumeKind = "image") -> Volume:
-    """Read a TIFF, PNG or NIfTI file into a channel-first ``Volume``.
+def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRules | None = None) -> Volume:
+    """Read a TIFF, PNG, NIfTI or NRRD file, or a folder holding one DICOM series.
 
-    2D microscopy files give shape ``(1, H, W)`` with unit spacing; NIfTI gives
-    ``(1, I, J[, K])`` with the file's affine (RAS, mm). Labels are returned as int32.
+    2D microscopy files give shape ``(1, H, W)`` with unit spacing; NIfTI and NRRD give
+    ``(1, I, J[, K])`` with the file's geometry as a RAS affine (mm); a DICOM folder gives
+    ``(1, X, Y, Z)`` reoriented to RAS+ (see ``medseg.io.dicom``), the one image series that
+    ``series`` selects (default: any image modality); a ``.dcm``/``.seg`` file must be a
+    DICOM SEG label (segment numbers as label values). Labels are int32.
 
     Raises:
-        DataError: the file is missing, of an unknown type, or unreadable.
+        DataError: the file is missing, of an unknown type, or unreadable; a folder holds
+            no DICOM series or several.
 
     """
     path = Path(path)
     suffix = image_suffix(path)
+    if path.is_dir():
+        return _read_dicom_folder(path, kind, series)
     if not path.is_file():
         raise DataError(f"{path.name}: file not found in {path.parent.name}/; check the input path")
     if path.stat().st_size == 0:
         raise DataError(f"{path.name}: file is empty (0 bytes); replace it with a valid image")
+    if suffix in DICOM_SEG_SUFFIXES:
+        from medseg.io.dicom import read_dicom_seg
+
+        if kind != "label":
+            raise DataError(
+                f"{path.name}: a single DICOM file is read as a SEG label; point images at a series folder"
+            )
+        return read_dicom_seg(path)
     try:
         if suffix in TIFF_SUFFIXES:
             array, affine = _read_tiff(path)
@@ -46,6 +66,8 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image") -> Volume:
             array, affine = _read_png(path)
         elif suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
+        elif suffix in NRRD_SUFFIXES:
+            array, affine = _read_nrrd(path)
         else:
             raise DataError(
                 f"{path.name}: unsupported image type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}"
@@ -105,6 +127,39 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return np.asarray(array), np.asarray(image.affine, dtype=np.float64)
+
+
+def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """NRRD through SimpleITK: array ``(x, y[, z])`` and its LPS geometry turned into RAS."""
+    import SimpleITK as sitk  # noqa: N813
+
+    image = sitk.ReadImage(str(path))
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"{path.name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1"
+        )
+    array = sitk.GetArrayFromImage(image).T  # SimpleITK gives (z, y, x)
+    dims = image.GetDimension()
+    affine = np.eye(4)
+    affine[:dims, :dims] = np.array(image.GetDirection()).reshape(dims, dims) * np.array(image.GetSpacing())
+    affine[:dims, 3] = image.GetOrigin()
+    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _read_dicom_folder(path: Path, kind: VolumeKind, rules: SeriesRules | None) -> Volume:
+    from medseg.io.dicom import SeriesRules, index_dicom, read_series, select_series
+
+    images = select_series(index_dicom(path), rules or SeriesRules())
+    if len(images) != 1:
+        found = ", ".join(series.key for series in images) or "none"
+        raise DataError(
+            f"the DICOM folder holds {len(images)} image series matching the rules ({found}); point at a "
+            "folder with exactly one series, or select one (ingest.series)"
+        )
+    volume = read_series(images[0])
+    if kind == "label":
+        return Volume(np.rint(volume.array).astype(np.int32), volume.affine, kind="label", meta=volume.meta)
+    return volume
 
 
 def write_image(volume: Volume, path: str | Path) -> Path:

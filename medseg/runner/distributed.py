@@ -49,9 +49,16 @@ def collective_from_environment(timeout_hours: float = 6.0) -> Collective:
     return Collective(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
-def leave(collective: Collective) -> None:
-    """Leave the process group joined by ``collective_from_environment``."""
+def leave(collective: Collective, *, together: bool) -> None:
+    """Leave the process group joined by ``collective_from_environment``.
+
+    ``together`` (the run ended normally on this rank) waits for the other ranks first:
+    gloo aborts a process whose peer tears down mid-exchange. After a failure there is no
+    waiting, since the peers may never arrive; ``torchrun`` stops them.
+    """
     if collective.world_size > 1:
         import torch
 
+        if together:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -45,7 +45,7 @@ def run(
     corner = tuple(slice(0, min(size, extent)) for size, extent in zip(roi, image.spatial_shape, strict=True))
     example = torch.as_tensor(image.array[(slice(None), *corner)][None], dtype=torch.float32)
     module = export_torchscript(net, example, target / "model.ts")
-    parity = max_abs_difference(net, module, torch.as_tensor(image.array[None], dtype=torch.float32))
+    parity = max_abs_difference(net, module, example)  # a window: whole images need not fit the strides
 
     summary_path = inputs["report"] / "summary.json"
     model_card = {
@@ -56,7 +56,7 @@ def run(
             "not a medical device, not for diagnosis"
         ),
         "input": "float32 (N, C, *spatial), normalised as 'intensity' says",
-        "output": "int64 (N, *spatial) class labels; connected components give instances",
+        "output": "int64 (N, *spatial) class labels (see 'labels'); instances as 'task' says",
         "evaluation": json.loads(summary_path.read_text()),
         "versions": library_versions(),
         "medseg_version": __version__,
@@ -92,7 +92,7 @@ def run(
 
 STAGE = StageSpec(
     name="export",
-    version=1,
+    version=2,
     params=ExportParams,
     inputs=("model", "dataset", "report"),
     outputs=("export",),

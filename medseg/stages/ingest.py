@@ -16,12 +16,24 @@ def run(
     inputs: Mapping[str, Path],
     outputs: Mapping[str, Path],
 ) -> dict[str, float]:
-    """Read, check, normalise and split the cases of the ``source`` input."""
-    index, source_map = ingest_dataset(
-        inputs["source"], params, outputs["dataset"], seed=context.seed, progress=context.progress
+    """Read, check, normalise and split the cases of the ``source`` input.
+
+    The map from case ids to sources goes to ``<workspace>/private/<key>.json`` before any
+    case is read, so an error naming ``case_0007`` can be traced there; it is never logged.
+    """
+
+    def keep_private(source_map: dict[str, str]) -> None:
+        context.private_dir.mkdir(parents=True, exist_ok=True)
+        (context.private_dir / f"{context.key}.json").write_text(json.dumps(source_map, indent=2))
+
+    index, _ = ingest_dataset(
+        inputs["source"],
+        params,
+        outputs["dataset"],
+        seed=context.seed,
+        progress=context.progress,
+        on_discovered=keep_private,
     )
-    context.private_dir.mkdir(parents=True, exist_ok=True)
-    (context.private_dir / f"{context.key}.json").write_text(json.dumps(source_map, indent=2))
     counts = {name: len(ids) for name, ids in index.splits.items()}
     full = sum(case.fully_annotated for case in index.cases)
     return {
@@ -33,7 +45,7 @@ def run(
 
 STAGE = StageSpec(
     name="ingest",
-    version=2,
+    version=3,
     params=IngestParams,
     inputs=("source",),
     outputs=("dataset",),

@@ -41,9 +41,12 @@ def _break_empty(data):
 
 
 CASES = [
-    (_break_unreadable, r"^t003\.tif: cannot read image .*damaged or not a valid image$"),
-    (_break_zero_bytes, r"^t002\.tif: file is empty \(0 bytes\); replace it with a valid image$"),
-    (_break_shape, r"^man_seg004\.tif: mask shape \(16, 32\) differs from image t004\.tif shape \(32, 32\)"),
+    (_break_unreadable, r"^case case_0004: t003\.tif: cannot read image .*damaged or not a valid image \("),
+    (
+        _break_zero_bytes,
+        r"^case case_0003: t002\.tif: file is empty \(0 bytes\); replace it with a valid image \(",
+    ),
+    (_break_shape, r"^case case_0005: man_seg004\.tif: mask shape \(16, 32\) differs from image t004\.tif"),
     (_break_empty, r"^no annotated case found in the data input"),
 ]
 
@@ -71,6 +74,10 @@ def test_bad_input_fails_cleanly(tmp_path, pristine, damage, message):
     ingest = child_runs(client, experiment.experiment_id, parent.info.run_id)["ingest"]
     assert ingest.info.status == "FAILED"
     assert ingest.data.tags["medseg.error"] == str(error.value)
+    if str(error.value).startswith("case "):  # the case id leads to its source in the private map
+        case_id = str(error.value).split(":")[0].removeprefix("case ")
+        (private,) = (workspace / "private").glob("*.json")
+        assert case_id in private.read_text()
 
 
 def test_cli_prints_one_line_and_exits_1(tmp_path, pristine):
