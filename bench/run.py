@@ -11,13 +11,14 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import bench_pipeline, bench_seg, bench_targets, bench_train
+from bench import bench_dicom, bench_pipeline, bench_seg, bench_targets, bench_train
 
 BENCHMARKS = {
     "train": bench_train.run,
     "targets": bench_targets.run,
     "pipeline": bench_pipeline.run,
     "seg": bench_seg.run,
+    "dicom": bench_dicom.run,
 }
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bench import bench_pipeline, bench_seg, bench_targets, bench_train
-from tests.conftest import GOWT1, require
+from bench import bench_dicom, bench_pipeline, bench_seg, bench_targets, bench_train
+from tests.conftest import GOWT1, SHARED_DATA, require
 
 pytestmark = pytest.mark.integration
 
@@ -35,3 +35,9 @@ def test_targets_benchmark_smoke(tmp_path):
     rows = bench_targets.run(data=data, train=tiny)
     assert [row["variant"] for row in rows] == list(bench_targets.VARIANTS)
     assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)
+
+
+def test_dicom_benchmark_smoke():
+    require(SHARED_DATA / "dicom" / "totalsegmentator-example" / "example_ct_dicom")
+    (row,) = bench_dicom.run(slices=4, repetitions=1)
+    assert row["voxels_equal"] is True and float(row["max_affine_difference_mm"]) < 1e-6

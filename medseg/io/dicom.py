@@ -218,7 +218,7 @@ def select_series(index: DicomIndex, rules: SeriesRules) -> list[DicomSeries]:
 
 @dataclass(frozen=True)
 class _Slice:
-    """One 2D frame: pixels ``(rows, columns)`` float64 after rescale, and its geometry."""
+    """One 2D frame: pixels ``(rows, columns)`` float32 after rescale, and its geometry."""
 
     pixels: np.ndarray
     position: np.ndarray
@@ -244,9 +244,9 @@ def read_series(series: DicomSeries, *, max_gib: float = 8.0) -> Volume:
             f"{needed:.1f} GiB, over the {max_gib:g} GiB limit; check the headers or raise the limit"
         )
     slices = [
-        item
+        frame
         for number, path in enumerate(series.files, start=1)
-        for item in _read_frames(series, number, path)
+        for frame in _read_frames(series, number, path)
     ]
     return _assemble(series, slices)
 
@@ -267,7 +267,7 @@ def _read_frames(series: DicomSeries, number: int, path: Path) -> list[_Slice]:
             f"{series.columns}x{series.rows}; the series mixes images of different sizes"
         )
     try:
-        pixels = np.asarray(dataset.pixel_array, dtype=np.float64)
+        pixels = np.asarray(dataset.pixel_array, dtype=np.float32)
     except Exception as exc:  # truncated pixel data, missing codec, bad encapsulation
         raise DataError(
             f"{name}: pixel data cannot be decoded ({type(exc).__name__}: {str(exc)[:120]}); "
@@ -371,13 +371,15 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
         tilt = math.degrees(math.acos(min(1.0, abs(float(normal @ offset)) / float(np.linalg.norm(offset)))))
         if tilt > _TILT_TOLERANCE_DEGREES:
             raise DataError(
-                f"series {series.key}: slices are stacked {tilt:.2f}° off their normal (gantry tilt); "
-                "resample the series to an orthogonal grid first"
+                f"series {series.key}: slices from {slices[0].label} to {slices[-1].label} are stacked "
+                f"{tilt:.2f}° off their normal (gantry tilt); resample the series to an orthogonal grid first"
             )
         slice_step = median
     else:
         slice_step = 1.0
-    stack = np.stack([item.pixels for item in slices])  # (z, rows, columns)
+    stack = np.empty((series.columns, series.rows, len(slices)), np.float32)  # (x, y, z)
+    for index, item in enumerate(slices):
+        stack[:, :, index] = item.pixels.T
     if not np.isfinite(stack).all():
         raise DataError(f"series {series.key}: pixel values include NaN or infinity; the data is corrupt")
     row_spacing, column_spacing = first.spacing
@@ -387,9 +389,9 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
     lps[:3, 2] = normal * slice_step
     lps[:3, 3] = slices[0].position
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    array, affine = to_ras(stack.transpose(2, 1, 0), ras)
+    array, affine = to_ras(stack, ras)
     meta = {"modality": series.modality, "series": series.key}
-    return Volume(array[None].astype(np.float32), affine, kind="image", meta=meta)
+    return Volume(array[None], affine, kind="image", meta=meta)
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -401,8 +403,11 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(reoriented), affine @ orientations.inv_ornt_aff(ornt, array.shape)
 
 
-def read_dicom_seg(path: Path) -> Volume:
+def read_dicom_seg(path: Path, *, highest_wins: bool = False) -> Volume:
     """A DICOM SEG object as one label map: ``(1, x, y, z)`` int32 in RAS+, segment numbers as values.
+
+    Overlapping segments are refused, or with ``highest_wins`` the highest segment number
+    takes each shared voxel.
 
     Read with highdicom. The volume covers the frames the SEG holds (sparse objects may
     cover only part of the source series); place it on the source image's grid with
@@ -410,7 +415,7 @@ def read_dicom_seg(path: Path) -> Volume:
 
     Raises:
         DataError: the file is not a DICOM SEG, its frames do not form a regular volume, or
-            segments overlap (one label map cannot hold them).
+            segments overlap and ``highest_wins`` is off.
 
     """
     import highdicom as hd
@@ -422,7 +427,9 @@ def read_dicom_seg(path: Path) -> Volume:
             f"{path.name}: not a readable DICOM SEG ({type(exc).__name__}); check the label file"
         ) from exc
     try:
-        volume = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.int32)
+        volume = segmentation.get_volume(
+            combine_segments=True, relabel=False, dtype=np.int32, skip_overlap_checks=highest_wins
+        )
     except (ValueError, RuntimeError) as exc:
         text = str(exc)
         cause = (
@@ -431,7 +438,7 @@ def read_dicom_seg(path: Path) -> Volume:
             else text[:160]
         )
         raise DataError(
-            f"{path.name}: {cause}; export non-overlapping segments or one SEG per segment"
+            f"{path.name}: {cause}; set ingest.segment_overlap: highest, or export non-overlapping segments"
         ) from exc
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(volume.affine, dtype=np.float64)
     array, affine = to_ras(np.asarray(volume.array, dtype=np.int32), ras)

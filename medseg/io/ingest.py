@@ -11,7 +11,7 @@ from pydantic import Field
 
 from medseg.errors import DataError
 from medseg.io.dataset import CaseRecord, DatasetIndex, write_index
-from medseg.io.dicom import SeriesRules
+from medseg.io.dicom import SeriesRules, read_dicom_seg
 from medseg.io.geometry import canonical, check_same_grid, resample_to_grid, resample_to_spacing
 from medseg.io.layouts import (
     SourceCase,
@@ -21,7 +21,7 @@ from medseg.io.layouts import (
     discover_paired,
     is_fully_annotated,
 )
-from medseg.io.readers import read_image, write_image
+from medseg.io.readers import DICOM_SEG_SUFFIXES, image_suffix, read_image, write_image
 from medseg.io.volume import Volume
 from medseg.params import Params
 
@@ -62,7 +62,9 @@ class IngestParams(Params):
     3D volumes are reoriented to RAS+. The label must lie on the image's voxel grid
     (``label_grid: require``) or is resampled onto it by nearest neighbour (``resample``).
     ``labels: binary`` merges every labelled class into one foreground; ``label_values``
-    declares the values a label may hold (others stop ingest). ``spacing`` (mm, array axis
+    declares the values a label may hold (others stop ingest). A DICOM SEG label with
+    overlapping segments is refused unless ``segment_overlap: highest`` (the highest segment
+    number takes each shared voxel). ``spacing`` (mm, array axis
     order) resamples 3D cases: images linearly, labels by nearest neighbour.
     """
 
@@ -78,6 +80,7 @@ class IngestParams(Params):
     labels: Literal["instances", "binary"] = "instances"
     label_values: tuple[int, ...] | None = None
     label_grid: Literal["require", "resample"] = "require"
+    segment_overlap: Literal["refuse", "highest"] = "refuse"
     spacing: tuple[float, ...] | None = None
     normalize: NormalizeParams = NormalizeParams()
     split: SplitParams = SplitParams()
@@ -165,7 +168,10 @@ def split_cases(
 
 def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, bool]:
     image = read_image(case.image, series=params.series)
-    label = read_image(case.label, kind="label", series=params.series)
+    if image_suffix(case.label) in DICOM_SEG_SUFFIXES:
+        label = read_dicom_seg(case.label, highest_wins=params.segment_overlap == "highest")
+    else:
+        label = read_image(case.label, kind="label", series=params.series)
     if image.spatial_dims == 3:
         image, label = canonical(image), canonical(label)
         if params.label_grid == "resample" or label.meta.get("modality") == "SEG":  # SEG: place on the grid

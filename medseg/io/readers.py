@@ -118,10 +118,24 @@ def _squeeze_2d(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+MAX_GIB = 8.0
+"""Largest image a header may announce (GiB as float32); larger ones are refused before reading."""
+
+
+def _refuse_absurd(path: Path, shape: tuple[int, ...]) -> None:
+    needed = float(np.prod(np.asarray(shape, dtype=np.float64))) * 4 / 2**30
+    if needed > MAX_GIB:
+        raise DataError(
+            f"{path.name}: the header announces {'x'.join(str(s) for s in shape)} voxels, {needed:.1f} GiB, "
+            f"over the {MAX_GIB:g} GiB limit; the header is damaged or the image must be cropped first"
+        )
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     image = nib.load(str(path))
+    _refuse_absurd(path, tuple(int(size) for size in image.shape))
     array = np.asanyarray(image.dataobj)
     array = np.squeeze(array, axis=tuple(range(3, array.ndim))) if array.ndim > 3 else array
     if array.ndim == 3 and array.shape[2] == 1:
@@ -133,7 +147,11 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """NRRD through SimpleITK: array ``(x, y[, z])`` and its LPS geometry turned into RAS."""
     import SimpleITK as sitk  # noqa: N813
 
-    image = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    _refuse_absurd(path, tuple(int(size) for size in reader.GetSize()))
+    image = reader.Execute()
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             f"{path.name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1"

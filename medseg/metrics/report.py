@@ -69,6 +69,9 @@ def write_overlay(
     rgb[outline(reference)] = (0, 230, 0)
     rgb[outline(prediction)] = (255, 0, 255)
     picture = Image.fromarray(rgb)
+    zoom = max(1, -(-256 // max(rgb.shape[:2])))  # small images (2 mm volumes) shown at ≥ 256 px
+    if zoom > 1:
+        picture = picture.resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.Resampling.NEAREST)
     ImageDraw.Draw(picture).text((4, 4), title, fill=(255, 255, 0))
     picture.save(path)
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from medseg.params import Params
@@ -87,20 +88,20 @@ def run(
     write_summary(report / "summary.json", summary)
 
     overlays: dict[str, Path] = {}
-    if params.overlays and index.spatial_dims == 2:
+    if params.overlays:
         (report / "overlays").mkdir()
         by_id = {record.case_id: record for record in records}
         for rank, case in pick_review_cases(results).items():
             image, label = load_case(folder, by_id[case.case_id])
             prediction = read_image(prediction_files[case.case_id], kind="label")
+            planes = [volume.array[0] for volume in (image, label, prediction)]
+            where = ""
+            if index.spatial_dims == 3:  # the axial slice with the most reference voxels
+                axial = int(np.argmax((planes[1] > 0).sum(axis=(0, 1))))
+                planes = [np.rot90(plane[:, :, axial]) for plane in planes]  # RAS+: anterior up
+                where = f", slice {axial}"
             overlays[rank] = report / "overlays" / f"{rank}_{case.case_id}.png"
-            write_overlay(
-                overlays[rank],
-                image.array[0],
-                label.array[0],
-                prediction.array[0],
-                f"{case.case_id} ({rank}) SEG {case.seg:.3f}",
-            )
+            write_overlay(overlays[rank], *planes, f"{case.case_id} ({rank}{where}) SEG {case.seg:.3f}")
     history_path = inputs["model"] / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     write_html_report(
@@ -120,7 +121,7 @@ def run(
 
 STAGE = StageSpec(
     name="evaluate",
-    version=2,
+    version=3,
     params=EvaluateParams,
     inputs=("dataset", "model"),
     outputs=("report",),

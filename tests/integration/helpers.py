@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -43,3 +46,23 @@ def child_runs(client, experiment_id: str, parent_id: str) -> dict:
     """The nested runs of ``parent_id`` keyed by their ``medseg.stage`` tag."""
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     return {run.data.tags["medseg.stage"]: run for run in runs}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without tracking or workspace redirects, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "MEDSEG_WORKSPACE"}}
+    return {**env, "COLUMNS": "200", **extra}
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, module: str = "medseg.cli"
+):
+    """Run ``python -m medseg.cli ARGS`` (or another module) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or clean_env(),
+        check=False,
+    )

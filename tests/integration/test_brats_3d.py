@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import pytest
 
 from tests.conftest import PROJECT, SHARED_DATA, require
+from tests.integration.helpers import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -20,15 +18,7 @@ BRATS = SHARED_DATA / "nifti" / "brats2015-sample"
 def test_brats_3d_example_as_committed(tmp_path):
     require(BRATS)
     example = PROJECT / "workflows" / "examples" / "brats_unet3d.yaml"
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "MEDSEG_WORKSPACE"}}
-    completed = subprocess.run(
-        [sys.executable, "-m", "medseg.cli", "run", str(example), "--workspace", str(tmp_path / "ws")],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        cwd=tmp_path,
-    )
+    completed = run_cli("run", str(example), "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     cache = tmp_path / "ws" / "cache"
     index = json.loads(next(cache.glob("*/dataset/dataset.json")).read_text())
@@ -39,6 +29,8 @@ def test_brats_3d_example_as_committed(tmp_path):
     assert "brats" not in json.dumps(index)  # source folder names stay in the private map
     summary = json.loads(next(cache.glob("*/report/summary.json")).read_text())
     assert summary["n_cases"] == 1 and summary["dice"] > 0.5, summary  # 0.743 on the development machine
+    overlays = sorted(path.name for path in cache.glob("*/report/overlays/*.png"))
+    assert {name.split("_")[0] for name in overlays} == {"best", "median", "worst"}  # axial slices
     prediction = next(cache.glob("*/report/predictions/*.nii.gz"))
     assert nib.aff2axcodes(nib.load(prediction).affine) == ("R", "A", "S")
     card = json.loads(next(cache.glob("*/export/model_card.json")).read_text())

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import yaml
 
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume
+from tests.integration.helpers import run_cli
 from tests.unit.test_dicom import PHI, write_series
 
 pytestmark = pytest.mark.integration
@@ -64,14 +62,7 @@ def test_phi_never_reaches_the_mlflow_store(tmp_path):
         )
     )
     workspace = tmp_path / "ws"
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "MEDSEG_WORKSPACE"}}
-    completed = subprocess.run(
-        [sys.executable, "-m", "medseg.cli", "run", str(workflow), "--workspace", str(workspace)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    completed = run_cli("run", str(workflow), "--workspace", str(workspace))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "stages executed: ingest, train, evaluate, export" in completed.stderr
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from medseg.demo import write_phantom_ctc
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import train_segmentation
-from tests.integration.helpers import child_runs, write_workflow
+from tests.integration.helpers import child_runs, clean_env, run_cli, write_workflow
 from tests.unit.test_training import phantom_cases, same_weights, tiny_params
 
 pytestmark = pytest.mark.integration
@@ -32,10 +31,6 @@ TRAIN = {
     "loss": {"name": "dice_border_ce"},
     "augment": {"elastic": 0.5, "rotate": 20},
 }
-
-
-def env_without_tracking() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "MEDSEG_WORKSPACE"}}
 
 
 def cached_weights(workspace: Path, name: str) -> dict[str, torch.Tensor]:
@@ -63,21 +58,15 @@ def workflow(tmp_path_factory) -> Path:
 
 
 def test_sigkill_mid_training_then_rerun_resumes_to_identical_weights(workflow, tmp_path):
-    command = [sys.executable, "-m", "medseg.cli", "run", str(workflow), "--workspace"]
-    reference = subprocess.run(
-        [*command, str(tmp_path / "uninterrupted")],
-        capture_output=True,
-        text=True,
-        env=env_without_tracking(),
-    )
+    reference = run_cli("run", str(workflow), "--workspace", str(tmp_path / "uninterrupted"))
     assert reference.returncode == 0, reference.stderr
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [*command, str(killed)],
+        [sys.executable, "-m", "medseg.cli", "run", str(workflow), "--workspace", str(killed)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env_without_tracking(),
+        env=clean_env(),
     )
     deadline = time.monotonic() + 240
     while checkpoint_epoch(killed) < 2 and time.monotonic() < deadline and process.poll() is None:
@@ -89,9 +78,7 @@ def test_sigkill_mid_training_then_rerun_resumes_to_identical_weights(workflow, 
     assert 2 <= done < TRAIN["epochs"]
     assert not list((killed / "cache").glob("*/model"))  # nothing of train committed
 
-    resumed = subprocess.run(
-        [*command, str(killed)], capture_output=True, text=True, env=env_without_tracking()
-    )
+    resumed = run_cli("run", str(workflow), "--workspace", str(killed))
     assert resumed.returncode == 0, resumed.stderr
     assert "stages executed: train, evaluate, export" in resumed.stderr  # ingest was committed before
     for name in ("weights.pt", "last_weights.pt"):
@@ -156,24 +143,9 @@ def test_ddp_two_cpu_processes_stay_in_sync_and_only_rank0_reports(tmp_path):
 
 def test_torchrun_workflow_tracks_once_from_rank0(workflow, tmp_path):
     workspace = tmp_path / "ws"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "medseg.cli",
-            "run",
-            str(workflow),
-            "--workspace",
-            str(workspace),
-        ],
-        capture_output=True,
-        text=True,
-        env=env_without_tracking(),
+    torchrun = ("--standalone", "--nproc-per-node", "2", "-m", "medseg.cli")
+    completed = run_cli(
+        *torchrun, "run", str(workflow), "--workspace", str(workspace), module="torch.distributed.run"
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stderr.count("stages executed: ingest, train, evaluate, export") == 1

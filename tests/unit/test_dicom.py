@@ -122,7 +122,7 @@ def test_oblique_series_keeps_its_geometry(tmp_path):
         ("duplicate", r"instance 3 and instance 4 lie at the same position"),
         ("gap", r"2\.000 mm apart but 4\.000 mm .*about 1 missing slice"),
         ("uneven", r"2\.000 mm apart but 2\.500 mm .*non-uniform spacing"),
-        ("tilt", r"off their normal \(gantry tilt\)"),
+        ("tilt", r"from instance 5 to instance 1 are stacked 8\.53° off their normal \(gantry tilt\)"),
         ("size", r"file 2: 5x6 pixels where the series has 4x6"),
         ("no pixels", r"file 1: has no pixel data"),
         ("truncated", r"file 1: (pixel data cannot be decoded|cannot be read)"),
@@ -191,12 +191,47 @@ def test_index_skips_and_counts_what_is_not_an_image(tmp_path):
     assert sum(index.skipped[reason] for reason in junk) == 2
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def _index_as(uid: int, folder: Path) -> dict[str, int]:
+    """``index_dicom(folder)`` in a forked child running as ``uid``; its skip counts and slice total."""
+    import json
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, index, report, exit without cleanup
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            index = index_dicom(folder)
+            report = {**index.skipped, "frames": sum(series.frames for series in index.series)}
+            os.write(write, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as handle:
+        text = handle.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
 def test_unreadable_files_are_counted(tmp_path):
-    folder, _ = write_series(tmp_path / "s", 3)
-    (folder / "IM0001.dcm").chmod(0)
-    index = index_dicom(folder)
-    assert index.skipped["no read permission"] == 1 and index.series[0].frames == 2
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="medseg-perm-"))  # /tmp: reachable by an unprivileged user
+    try:
+        folder.chmod(0o755)
+        series, _ = write_series(folder / "s", 3)
+        series.chmod(0o755)
+        for path in series.iterdir():
+            path.chmod(0o644)
+        (series / "IM0001.dcm").chmod(0)
+        index_dicom(folder)  # load pydicom here: the child may not read the interpreter's folders
+        counts = _index_as(65534, folder) if os.geteuid() == 0 else {**index_dicom(folder).skipped}
+        assert counts.get("no read permission") == 1
+        if "frames" in counts:
+            assert counts["frames"] == 2
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_listing_and_selection_show_no_phi(tmp_path):

@@ -169,6 +169,7 @@ SEGS = SHARED_DATA / "dicom" / "dcmqi-segmentations"
         ("ct-3slice", "liver.dcm", "liver_seg.nrrd"),
         ("24x38x3/image", "24x38x3/seg/label.seg", "24x38x3/nrrd/label.nrrd"),
         ("24x38x3/image", "sparse-labelmap-noppv.dcm", "sparse_labelmap_noppv_seg.nrrd"),
+        ("ct-3slice", "liver_spine_gapped_seg.nrrd", "liver_spine_gapped_seg.nrrd"),  # gapped label map
     ],
 )
 def test_real_dicom_seg_labels_match_their_nrrd_label_maps(tmp_path, image, seg, nrrd):
@@ -184,11 +185,22 @@ def test_real_dicom_seg_labels_match_their_nrrd_label_maps(tmp_path, image, seg,
     assert np.array_equal(label.array, expected.array)  # voxel for voxel, segment numbers as values
 
 
-def test_overlapping_dicom_seg_segments_are_refused(tmp_path):
+def test_overlapping_dicom_seg_segments_are_refused_or_resolved(tmp_path):
+    from medseg.io.geometry import canonical
+    from medseg.io.readers import read_image
+
     require(SEGS)
     link_case(tmp_path / "src", "ACC-1", SEGS / "ct-3slice", SEGS / "partial_overlaps.dcm")
-    with pytest.raises(DataError, match=r"case case_0001: label.dcm: segments overlap"):
-        ingest(tmp_path / "src", tmp_path / "out")
+    with pytest.raises(
+        DataError, match=r"case case_0001: label.dcm: segments overlap.*segment_overlap: highest"
+    ):
+        ingest(tmp_path / "src", tmp_path / "refused")
+    index, _ = ingest(tmp_path / "src", tmp_path / "out", segment_overlap="highest")
+    _, label = load_case(tmp_path / "out", index.cases[0])
+    # dcmqi's maps: segments 1, 4, 5 in the first, 2 and 3 in the others; the highest number wins.
+    maps = [canonical(read_image(SEGS / f"partial_overlaps-{i}.nrrd", kind="label")).array for i in (1, 2, 3)]
+    assert np.array_equal(label.array, np.maximum.reduce(maps))
+    assert np.unique(label.array).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("flavour", ["msd", "nnunet"])
@@ -225,3 +237,21 @@ def test_msd_and_nnunet_layouts_with_declared_labels(tmp_path, flavour):
         ingest(root, tmp_path / "strict", layout="msd")
     index, source_map = ingest(root, tmp_path / "out", layout="msd", label_values=[1, 2])
     assert len(index.cases) == 3 and sorted(source_map.values()) == ["test_000", "test_001", "test_002"]
+
+
+def test_nifti_header_announcing_absurd_size_is_refused_before_reading(tmp_path):
+    import nibabel as nib
+
+    from medseg.io.readers import read_image
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 3000))
+    header.set_data_dtype(np.int16)
+    path = tmp_path / "huge.nii"
+    with path.open("wb") as handle:  # a header and no data: a damaged or hostile file
+        header.write_to(handle)
+    with pytest.raises(
+        DataError,
+        match=r"huge.nii: the header announces 30000x30000x3000 voxels, 10058.3 GiB, over the 8 GiB limit",
+    ):
+        read_image(path)
