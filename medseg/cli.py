@@ -291,7 +291,7 @@ def cache_gc(
     keep: Annotated[list[Path] | None, typer.Argument(help="Workflows whose cached stages to keep.")] = None,
     workspace: WorkspaceOption = Path(".medseg"),
 ) -> None:
-    """Delete cache entries not used by the given workflows (and leftover temp folders)."""
+    """Delete cache entries not used by the given workflows (and leftover temp and checkpoint folders)."""
     from medseg.api import workflow_status
     from medseg.runner.cache import StageCache
 
@@ -303,7 +303,13 @@ def cache_gc(
             if stage.key
         }
         removed = StageCache(workspace / "cache").gc(keys)
+        scratch = workspace / "scratch"
+        abandoned = [path for path in scratch.iterdir() if path.name not in keys] if scratch.is_dir() else []
+        for path in abandoned:  # checkpoints of runs that died and that no kept workflow can resume
+            shutil.rmtree(path)
     console.print(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}; kept {len(keys)}")
+    if abandoned:
+        console.print(f"removed {len(abandoned)} unfinished run checkpoint folder(s) from scratch/")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import torch
 from medseg.errors import DataError
 from medseg.inference.predict import segment_instances
 from medseg.inference.settings import InferenceSettings
+from medseg.io.geometry import canonical, resample_to_grid, resample_to_spacing
 from medseg.io.ingest import NormalizeParams, normalize_intensity
 from medseg.io.readers import read_image
 from medseg.io.volume import Volume, affine_from_spacing
@@ -53,6 +54,10 @@ class Segmenter:
     ) -> Volume:
         """Segment one image; return an int32 instance label ``Volume`` in its geometry.
 
+        3D images are first brought into the training geometry recorded in the model card
+        (RAS+ orientation, ingest spacing) and the labels are mapped back onto the input's
+        voxel grid, so the result has the input's shape and affine.
+
         Args:
             image: a ``Volume`` ``(C, *spatial)``, an array ``(*spatial)`` or ``(C, *spatial)``
                 (with ``spacing`` in mm), or a path to a TIFF/PNG/NIfTI file.
@@ -69,12 +74,26 @@ class Segmenter:
                 f"image of shape {volume.array.shape} does not fit the model "
                 f"({channels} channel(s), {spatial_dims}D); pass a {spatial_dims}D image"
             )
+        work = self._training_geometry(volume)
         intensity = NormalizeParams.model_validate(self.card["intensity"])
-        data = np.stack([normalize_intensity(channel, intensity) for channel in volume.array])
+        data = np.stack([normalize_intensity(channel, intensity) for channel in work.array])
         labels = segment_instances(
             self.module, data, InferenceSettings.from_card(self.card), device=self.device
         )
-        return Volume(labels[None], volume.affine, kind="label", meta=dict(volume.meta))
+        result = Volume(labels[None], work.affine, kind="label", meta=dict(volume.meta))
+        if work is not volume:  # back onto the caller's voxel grid (nearest neighbour, exact if equal)
+            result = resample_to_grid(result, volume.spatial_shape, volume.affine, order=0)
+        return result
+
+    def _training_geometry(self, volume: Volume) -> Volume:
+        """The image in the geometry the model was trained in: RAS+ and the ingest spacing (3D)."""
+        if volume.spatial_dims != 3:
+            return volume
+        steps = self.card.get("preprocessing", {})
+        work = canonical(volume) if steps.get("orientation") == "RAS" else volume
+        if steps.get("spacing"):
+            work = resample_to_spacing(work, tuple(float(v) for v in steps["spacing"]), order=1)
+        return work
 
     @staticmethod
     def _as_volume(image: Volume | np.ndarray | str | Path, spacing: tuple[float, ...] | None) -> Volume:

@@ -44,7 +44,11 @@ class CaseRecord:
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    """The content of ``dataset.json``."""
+    """The content of ``dataset.json``.
+
+    ``preprocessing`` records the geometry steps ingest applied (``orientation``: ``RAS`` for
+    3D, ``spacing`` in mm or None), which inference must repeat on new images.
+    """
 
     spatial_dims: int
     channels: int
@@ -53,6 +57,7 @@ class DatasetIndex:
     intensity: dict[str, object]
     cases: tuple[CaseRecord, ...]
     splits: dict[str, list[str]] = field(default_factory=dict)
+    preprocessing: dict[str, object] = field(default_factory=dict)
     format: str = FORMAT
 
     def split(self, name: SplitName) -> list[CaseRecord]:

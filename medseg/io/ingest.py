@@ -280,6 +280,10 @@ def ingest_dataset(
         intensity=params.normalize.model_dump(),
         cases=tuple(records),
         splits=split_cases([r.case_id for r in records], trainable, params.split, seed),
+        preprocessing={
+            "orientation": "RAS" if spatial_dims == 3 else "as stored",
+            "spacing": list(params.spacing) if params.spacing and spatial_dims == 3 else None,
+        },
     )
     write_index(out_dir, index)
     return index, source_map

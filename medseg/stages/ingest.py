@@ -45,7 +45,7 @@ def run(
 
 STAGE = StageSpec(
     name="ingest",
-    version=3,
+    version=4,
     params=IngestParams,
     inputs=("source",),
     outputs=("dataset",),

@@ -135,6 +135,7 @@ def model_card(
         "net": params.net.model_dump(mode="json"),
         "inference": params.inference.as_card(),
         "intensity": index.intensity,
+        "preprocessing": index.preprocessing,
         "spacing": list(index.cases[0].spacing),
         "training": {
             "dataset_digest": context.input_digests["dataset"],
@@ -152,7 +153,7 @@ def model_card(
 
 STAGE = StageSpec(
     name="train",
-    version=2,
+    version=3,
     params=TrainParams,
     inputs=("dataset",),
     outputs=("model",),

@@ -36,8 +36,12 @@ def test_demo_then_status_rerun_and_gc(tmp_path):
     rerun = medseg("run", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
     assert rerun.returncode == 0 and "stages executed: none" in rerun.stderr
 
+    abandoned = tmp_path / "demo" / ".medseg" / "scratch" / ("0" * 64)
+    abandoned.mkdir(parents=True)  # what a killed run of a since-changed workflow leaves behind
+    (abandoned / "last_epoch.pt").write_bytes(b"checkpoint")
     kept = medseg("cache", "gc", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
     assert "removed 0 cache entries; kept 4" in kept.stderr
+    assert "removed 1 unfinished run checkpoint folder(s)" in kept.stderr and not abandoned.exists()
     dropped = medseg("cache", "gc", "--workspace", "demo/.medseg", cwd=tmp_path)
     assert "removed 4 cache entries" in dropped.stderr
     status = medseg("status", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
