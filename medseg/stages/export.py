@@ -28,11 +28,13 @@ def run(
     import torch
 
     from medseg._version import __version__
+    from medseg.export.onnx import export_onnx, onnx_parity
     from medseg.export.torchscript import export_torchscript, max_abs_difference
     from medseg.inference.model import load_model
     from medseg.inference.predict import predict_logits
     from medseg.inference.settings import InferenceSettings
     from medseg.io.dataset import load_case, read_index
+    from medseg.nets.unet import NetParams
     from medseg.runner.cache import library_versions
 
     folder, target = inputs["dataset"], outputs["export"]
@@ -42,10 +44,20 @@ def run(
     image, _ = load_case(folder, record)
     settings = InferenceSettings.from_card(card)
     roi = settings.roi_size
+    divisor = NetParams.model_validate(card["net"]).size_divisor
     corner = tuple(slice(0, min(size, extent)) for size, extent in zip(roi, image.spatial_shape, strict=True))
     example = torch.as_tensor(image.array[(slice(None), *corner)][None], dtype=torch.float32)
     module = export_torchscript(net, example, target / "model.ts")
     parity = max_abs_difference(net, module, example)  # a window: whole images need not fit the strides
+    export_onnx(net, example, target / "model.onnx")
+    # Real windows of the test image: the export size, and a batch of two at another size.
+    other = tuple(
+        slice(0, max(divisor, (extent // 2) // divisor * divisor)) for extent in image.spatial_shape
+    )
+    second = torch.as_tensor(image.array[(slice(None), *other)][None], dtype=torch.float32).repeat(
+        2, 1, *[1] * len(other)
+    )
+    onnx_difference = onnx_parity(net, target / "model.onnx", [example, second])
 
     summary_path = inputs["report"] / "summary.json"
     model_card = {
@@ -62,7 +74,7 @@ def run(
         "medseg_version": __version__,
     }
     (target / "model_card.json").write_text(json.dumps(model_card, indent=2))
-    metrics = {"export/torchscript_max_abs_diff": parity}
+    metrics = {"export/torchscript_max_abs_diff": parity, "export/onnx_max_abs_diff": onnx_difference}
     if params.mlflow_model:
         logits = predict_logits(
             module,
@@ -92,10 +104,10 @@ def run(
 
 STAGE = StageSpec(
     name="export",
-    version=2,
+    version=3,
     params=ExportParams,
     inputs=("model", "dataset", "report"),
     outputs=("export",),
     run=run,
-    description="TorchScript export, model card, MLflow pyfunc model (optionally registered)",
+    description="TorchScript and ONNX export (parity checked), model card, MLflow pyfunc model",
 )

@@ -113,3 +113,34 @@ def test_exported_model_segments_in_source_geometry(study):
     assert labels.array.dtype == np.int32 and labels.array.min() >= 0
     with pytest.raises(medseg.DataError, match="does not fit the model"):
         segmenter.predict(np.zeros((1, 8, 8, 8), np.float32))
+
+
+def test_onnx_export_matches_pytorch_at_any_size(study):
+    import onnxruntime
+    import torch
+
+    from medseg.inference.model import load_model
+
+    root, data = study
+    result = medseg.run_workflow(
+        write_workflow(
+            root,
+            data,
+            name="phantom",
+            params={"ingest": {"train_on": "all"}, "train": FAST_TRAIN},
+            experiment="e2e",
+        ),
+        workspace=root / "ws",
+    )
+    assert result.metrics["export/onnx_max_abs_diff"] < 1e-4
+    session = onnxruntime.InferenceSession(
+        str(result.outputs["export"]["export"] / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    net, _ = load_model(result.outputs["train"]["model"], torch.device("cpu"))
+    image = medseg.read_image(data / "01" / "t004.tif").array[None, :, :24, :32].astype(np.float32)
+    batch = np.concatenate([image, image[:, :, ::-1].copy()])  # batch 2, a size the export never saw
+    (logits,) = session.run(["logits"], {"image": batch})
+    with torch.inference_mode():
+        expected = net(torch.as_tensor(batch)).numpy()
+    assert logits.shape == expected.shape == (2, 3, 24, 32)
+    assert np.abs(logits - expected).max() < 1e-4
