@@ -93,18 +93,16 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
             assert needle not in path.read_bytes(), path
 
 
-def test_exported_model_segments_in_source_geometry(study):
+def run_phantom(study):
+    """The phantom study with the fast train params (cached after its first run)."""
     root, data = study
-    result = medseg.run_workflow(
-        write_workflow(
-            root,
-            data,
-            name="phantom",
-            params={"ingest": {"train_on": "all"}, "train": FAST_TRAIN},
-            experiment="e2e",
-        ),
-        workspace=root / "ws",
-    )
+    params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
+    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e")
+    return medseg.run_workflow(workflow, workspace=root / "ws"), data
+
+
+def test_exported_model_segments_in_source_geometry(study):
+    result, data = run_phantom(study)
     segmenter = medseg.Segmenter.from_export(result.outputs["export"]["export"])
     image = medseg.read_image(data / "01" / "t004.tif")
     labels = segmenter.predict(image)
@@ -121,17 +119,7 @@ def test_onnx_export_matches_pytorch_at_any_size(study):
 
     from medseg.inference.model import load_model
 
-    root, data = study
-    result = medseg.run_workflow(
-        write_workflow(
-            root,
-            data,
-            name="phantom",
-            params={"ingest": {"train_on": "all"}, "train": FAST_TRAIN},
-            experiment="e2e",
-        ),
-        workspace=root / "ws",
-    )
+    result, data = run_phantom(study)
     assert result.metrics["export/onnx_max_abs_diff"] < 1e-4
     session = onnxruntime.InferenceSession(
         str(result.outputs["export"]["export"] / "model.onnx"), providers=["CPUExecutionProvider"]
