@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io.geometry import LPS_TO_RAS, to_ras
 from medseg.io.volume import Volume
 from medseg.params import Params
 
@@ -388,19 +389,10 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
     lps[:3, 1] = column_direction * row_spacing  # y: down the columns (row index)
     lps[:3, 2] = normal * slice_step
     lps[:3, 3] = slices[0].position
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    ras = LPS_TO_RAS @ lps
     array, affine = to_ras(stack, ras)
     meta = {"modality": series.modality, "series": series.key}
     return Volume(array[None], affine, kind="image", meta=meta)
-
-
-def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder and flip the axes of ``array`` ``(x, y, z)`` to RAS+; return it with its new affine."""
-    import nibabel.orientations as orientations
-
-    ornt = orientations.io_orientation(affine)
-    reoriented = orientations.apply_orientation(array, ornt)
-    return np.ascontiguousarray(reoriented), affine @ orientations.inv_ornt_aff(ornt, array.shape)
 
 
 def read_dicom_seg(path: Path, *, highest_wins: bool = False) -> Volume:
@@ -440,6 +432,6 @@ def read_dicom_seg(path: Path, *, highest_wins: bool = False) -> Volume:
         raise DataError(
             f"{path.name}: {cause}; set ingest.segment_overlap: highest, or export non-overlapping segments"
         ) from exc
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(volume.affine, dtype=np.float64)
+    ras = LPS_TO_RAS @ np.asarray(volume.affine, dtype=np.float64)
     array, affine = to_ras(np.asarray(volume.array, dtype=np.int32), ras)
     return Volume(array[None], affine, kind="label", meta={"modality": "SEG"})

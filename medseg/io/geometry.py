@@ -7,6 +7,18 @@ import numpy as np
 from medseg.errors import DataError
 from medseg.io.volume import Volume
 
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""Turns an affine in DICOM/ITK patient coordinates (LPS) into RAS, the ``Volume`` convention."""
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder and flip the axes of ``array`` ``(x, y, z)`` to RAS+; return it with its new affine."""
+    import nibabel.orientations as orientations
+
+    ornt = orientations.io_orientation(affine)
+    reoriented = orientations.apply_orientation(array, ornt)
+    return np.ascontiguousarray(reoriented), affine @ orientations.inv_ornt_aff(ornt, array.shape)
+
 
 def canonical(volume: Volume) -> Volume:
     """The 3D ``volume`` with its axes reordered and flipped to RAS+ (affine updated).
@@ -17,8 +29,6 @@ def canonical(volume: Volume) -> Volume:
     """
     if volume.spatial_dims != 3:
         return volume
-    from medseg.io.dicom import to_ras
-
     array, affine = to_ras(volume.array[0], volume.affine)
     return Volume(array[None], affine, kind=volume.kind, meta=dict(volume.meta))
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io.geometry import LPS_TO_RAS
 from medseg.io.volume import Volume, VolumeKind, affine_from_spacing
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine = np.eye(4)
     affine[:dims, :dims] = np.array(image.GetDirection()).reshape(dims, dims) * np.array(image.GetSpacing())
     affine[:dims, 3] = image.GetOrigin()
-    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return array, LPS_TO_RAS @ affine
 
 
 def _read_dicom_folder(path: Path, kind: VolumeKind, rules: SeriesRules | None) -> Volume:

@@ -289,18 +289,31 @@ class Runner:
             outputs = {name: Path(folder) / name for name in stage.spec.outputs}
             for path in outputs.values():
                 path.mkdir()
-            context = StageContext(
-                stage=stage.name,
-                key=key,
-                input_digests=digests,
-                seed=workflow.seed,
-                tracker=NullTracker(),
-                run_id="",
-                private_dir=self.workspace.private_dir,
-                scratch_dir=self.workspace.scratch_dir / key,
-                **({"progress": progress} if progress else {}),
-            )
+            context = self._context(workflow, stage, key, digests, NullTracker(), "", progress)
             stage.spec.run(context, stage.params, inputs, outputs)
+
+    def _context(
+        self,
+        workflow: ResolvedWorkflow,
+        stage: ResolvedStage,
+        key: str,
+        digests: dict[str, str],
+        tracker: Tracker,
+        run_id: str,
+        progress: ProgressCallback | None,
+    ) -> StageContext:
+        """What a stage execution of ``key`` receives besides params, inputs and outputs."""
+        return StageContext(
+            stage=stage.name,
+            key=key,
+            input_digests=digests,
+            seed=workflow.seed,
+            tracker=tracker,
+            run_id=run_id,
+            private_dir=self.workspace.private_dir,
+            scratch_dir=self.workspace.scratch_dir / key,
+            **({"progress": progress} if progress else {}),
+        )
 
     def _log_parent(self, workflow: ResolvedWorkflow, tracker: Tracker, parent: str) -> None:
         params: dict[str, object] = {"seed": workflow.seed, "pipeline": workflow.pipeline.name}
@@ -369,17 +382,7 @@ class Runner:
             tracker.log_params(run_id, flatten_params(stage.params.model_dump(mode="json")))
             scratch.mkdir(parents=True, exist_ok=True)
             with self.cache.staging(key, stage.spec.outputs) as staged:
-                context = StageContext(
-                    stage=stage.name,
-                    key=key,
-                    input_digests=digests,
-                    seed=workflow.seed,
-                    tracker=tracker,
-                    run_id=run_id,
-                    private_dir=self.workspace.private_dir,
-                    scratch_dir=scratch,
-                    **({"progress": progress} if progress else {}),
-                )
+                context = self._context(workflow, stage, key, digests, tracker, run_id, progress)
                 metrics = stage.spec.run(context, stage.params, inputs, staged)
                 output_digests = {name: memo.tree_digest(path) for name, path in staged.items()}
                 manifest = Manifest(

@@ -238,6 +238,8 @@ def train_segmentation(
     """
     from monai.data import Dataset
 
+    from medseg.transforms.presets import train_transforms
+
     if not train_cases:
         raise DataError("the train split is empty; add labelled cases or lower the split fractions")
     check_cases(train_cases, params, "train")
@@ -281,7 +283,7 @@ def train_segmentation(
         )
     resumed_from = state.epoch
 
-    transforms = _train_transforms(params)
+    transforms = train_transforms(params)
     if sum(sample_bytes(case, params) for case in train_cases) <= params.cache_gib * 2**30:
         samples = [prepare_sample(case, params) for case in train_cases]
         dataset = Dataset(samples * params.epoch_repeats, transforms)
@@ -412,12 +414,6 @@ def _broadcast_flag(flag: bool, world: int) -> bool:
     value = torch.tensor([int(flag)])
     torch.distributed.broadcast(value, src=0)
     return bool(value.item())
-
-
-def _train_transforms(params: TrainParams) -> Any:
-    from medseg.transforms.presets import train_transforms
-
-    return train_transforms(params)
 
 
 def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

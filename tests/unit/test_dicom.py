@@ -11,6 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from bench.bench_dicom import simpleitk_volume
 from medseg.errors import DataError
 from medseg.io.dicom import SeriesRules, index_dicom, orientation_of, read_series, select_series
 from tests.conftest import SHARED_DATA, require
@@ -254,29 +255,13 @@ CT = SHARED_DATA / "dicom" / "totalsegmentator-example" / "example_ct_dicom"
 DCMQI = SHARED_DATA / "dicom" / "dcmqi-segmentations"
 
 
-def simpleitk_ras(folder: Path):
-    """SimpleITK's reading of a series, as a RAS+ canonical (array, affine), independently of medseg."""
-    import nibabel as nib
-    import SimpleITK as sitk  # noqa: N813
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    image = reader.Execute()
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)
-    affine = np.eye(4)
-    affine[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine))
-    return np.asarray(canonical.dataobj), canonical.affine
-
-
 @pytest.mark.parametrize(
     "folder", [CT, DCMQI / "ct-3slice", DCMQI / "24x38x3" / "image"], ids=lambda p: p.name
 )
 def test_real_series_agree_with_simpleitk(folder):
     require(folder)
     volume = read_series(only_series(folder))
-    array, affine = simpleitk_ras(folder)
+    array, affine = simpleitk_volume(folder)  # SimpleITK's reading, independent of medseg
     assert volume.array.shape[1:] == array.shape
     assert np.array_equal(volume.array[0], array)  # values after rescale, voxel for voxel
     assert np.abs(volume.affine - affine).max() < 1e-6  # geometry in mm

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medseg.inference.segmenter import Segmenter
-from medseg.io.dicom import to_ras
+from medseg.io.geometry import to_ras
 from medseg.io.readers import read_image
 from medseg.io.volume import Volume
 from tests.conftest import SHARED_DATA, require
