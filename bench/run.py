@@ -11,7 +11,15 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import bench_dicom, bench_pipeline, bench_seg, bench_targets, bench_train
+from bench import (
+    bench_accuracy,
+    bench_dicom,
+    bench_inference,
+    bench_pipeline,
+    bench_seg,
+    bench_targets,
+    bench_train,
+)
 
 BENCHMARKS = {
     "train": bench_train.run,
@@ -19,6 +27,8 @@ BENCHMARKS = {
     "pipeline": bench_pipeline.run,
     "seg": bench_seg.run,
     "dicom": bench_dicom.run,
+    "inference": bench_inference.run,
+    "accuracy": bench_accuracy.run,
 }
 
 

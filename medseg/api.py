@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.errors import TrackingError
 from medseg.io.volume import Volume
 from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
 from medseg.runner.contract import ProgressCallback
@@ -18,8 +21,10 @@ from medseg.runner.engine import PlannedStage, Runner, StageEvent, Workspace
 from medseg.runner.spec import ResolvedWorkflow, load_workflow
 from medseg.stages import REGISTRY
 from medseg.tracking.base import NullTracker, Tracker
+from medseg.tracking.resilient import URI_FILE, ResilientTracker, replay_journal
 
 DEFAULT_WORKSPACE = Path(".medseg")
+JOURNAL_DIR = "tracking-journal"
 
 
 @dataclass(frozen=True)
@@ -63,15 +68,41 @@ def workflow_status(path: str | Path, *, workspace: str | Path = DEFAULT_WORKSPA
     return Runner(Workspace(Path(workspace))).plan(validate_workflow(path))
 
 
-def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[Tracker, str]:
-    """An MLflow tracker for ``tracking_uri``, or the workspace's embedded SQLite store."""
+def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[ResilientTracker, str]:
+    """An MLflow tracker for ``tracking_uri`` (else the workspace's embedded SQLite store).
+
+    It is wrapped so that metrics, tags and artifacts logged while the server is away are
+    journalled in ``<workspace>/tracking-journal/`` and replayed when it is back.
+    """
+    from medseg.tracking.mlflow import MlflowTracker, redact_uri
+
+    journal = workspace.root / JOURNAL_DIR / uuid.uuid4().hex
+    if tracking_uri:
+        inner = MlflowTracker(tracking_uri)
+    else:
+        workspace.root.mkdir(parents=True, exist_ok=True)
+        tracking_uri = workspace.default_tracking_uri
+        inner = MlflowTracker(tracking_uri, artifact_root=workspace.artifact_root)
+    return ResilientTracker(inner, journal, tracking_uri=redact_uri(tracking_uri)), tracking_uri
+
+
+def sync_tracking(*, workspace: str | Path = DEFAULT_WORKSPACE, tracking_uri: str | None = None) -> int:
+    """Send tracking calls journalled while a server was away; return how many journals were sent.
+
+    Each journal goes to ``tracking_uri`` if given, else to the URI it recorded.
+
+    Raises:
+        TrackingError: a server is still unreachable (its journal stays for the next try).
+
+    """
     from medseg.tracking.mlflow import MlflowTracker
 
-    if tracking_uri:
-        return MlflowTracker(tracking_uri), tracking_uri
-    workspace.root.mkdir(parents=True, exist_ok=True)
-    uri = workspace.default_tracking_uri
-    return MlflowTracker(uri, artifact_root=workspace.artifact_root), uri
+    root = Path(workspace) / JOURNAL_DIR
+    journals = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    for journal in journals:
+        uri = tracking_uri or (journal / URI_FILE).read_text()
+        replay_journal(journal, MlflowTracker(uri))
+    return len(journals)
 
 
 def run_workflow(
@@ -110,7 +141,15 @@ def run_workflow(
         tracker = NullTracker()
     elif tracker is None:
         tracker, uri = make_tracker(uri, space)
-    outcome = Runner(space, collective).run(resolved, tracker, on_event=on_event, progress=progress)
+    try:
+        outcome = Runner(space, collective).run(resolved, tracker, on_event=on_event, progress=progress)
+    except BaseException:
+        if isinstance(tracker, ResilientTracker):
+            with contextlib.suppress(TrackingError):  # best effort; the original error matters
+                tracker.flush()
+        raise
+    if isinstance(tracker, ResilientTracker):
+        tracker.flush()
     return WorkflowResult(
         workflow=outcome.workflow,
         parent_run_id=outcome.parent_run_id,

@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Manage the stage cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+tracking_app = typer.Typer(help="Tracking server housekeeping.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 
 console = Console(stderr=True)
 _state = {"debug": False}
@@ -72,6 +74,10 @@ def _errors() -> Iterator[None]:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow's default (7 retries, doubling back-off) hangs for minutes on a dead server;
+    # medseg journals what cannot be sent instead (see `medseg tracking sync`).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("mlflow", "alembic", "monai"):
@@ -95,10 +101,9 @@ def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) ->
     return result
 
 
-def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective: Any) -> Any:
-    from medseg.api import run_workflow
-
-    with Progress(
+def _progress_bar() -> Progress:
+    """A transient bar: description, bar, done/total, time left, a status column."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -106,7 +111,13 @@ def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=True,
-    ) as bar:
+    )
+
+
+def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective: Any) -> Any:
+    from medseg.api import run_workflow
+
+    with _progress_bar() as bar:
         tasks: dict[str, Any] = {}
 
         def on_event(stage: str, message: str) -> None:
@@ -134,10 +145,15 @@ def _print_result(result: Any) -> None:
     table = Table(title=f"{result.workflow}: metrics", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("eval/seg", "eval/iou", "eval/dice", "eval/n_cases", "eval/n_reference"):
+    shown = ("eval/seg", "eval/iou", "eval/dice", "eval/n_cases", "eval/n_reference")
+    for key in (*shown, *sorted(key for key in result.metrics if key.startswith("predict/"))):
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")
     Console().print(table)
+    if result.outputs:
+        last = list(result.outputs)[-1]
+        for name, path in result.outputs[last].items():
+            console.print(f"output {last}.{name}: {path}", soft_wrap=True)
     executed = ", ".join(result.executed) or "none"
     console.print(f"stages executed: {executed}; cached: {', '.join(result.cached) or 'none'}")
     console.print(f"MLflow parent run {result.parent_run_id} in {_display_uri(result.tracking_uri)}")
@@ -286,6 +302,66 @@ def ingest(
         console.print(f"skipped: {skipped}")
 
 
+@app.command()
+def predict(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Export folder, models:/name/version, models:/name@alias, runs:/<id>/model or a run id."
+        ),
+    ],
+    source: Annotated[
+        Path,
+        typer.Argument(help="Image file, DICOM series folder, or folder of images / series folders."),
+    ],
+    output: Annotated[Path, typer.Argument(help="Output folder (or file for a single case).")],
+    output_format: Annotated[
+        str, typer.Option("--format", help="nifti, dicom-seg (needs DICOM input) or tiff.")
+    ] = "nifti",
+    flip_tta: Annotated[
+        bool, typer.Option("--flip-tta", help="Average predictions over mirrored copies (2^dims passes).")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
+    workspace: WorkspaceOption = Path(".medseg"),
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Segment images with a trained model; labels come back in each input's geometry."""
+    from medseg.inference.cohort import OUTPUT_SUFFIX, discover_images, predict_cohort
+    from medseg.inference.segmenter import Segmenter
+    from medseg.runner.engine import Workspace
+
+    _quiet_libraries()
+    if output_format not in OUTPUT_SUFFIX:
+        console.print(f"[bold red]error:[/] --format must be one of {', '.join(OUTPUT_SUFFIX)}")
+        raise typer.Exit(1)
+    with _errors():
+        uri = tracking_uri or Workspace(workspace).default_tracking_uri
+        segmenter = Segmenter.load(model, tracking_uri=uri, device=device)
+        cases = discover_images(source)
+        with _progress_bar() as bar:
+            task = bar.add_task("predict", total=len(cases), status="")
+
+            def progress(description: str, completed: float, total: float, status: str = "") -> None:
+                bar.update(task, completed=completed, status=status)
+
+            results = predict_cohort(
+                segmenter, cases, output, output_format, flip_tta=flip_tta, progress=progress
+            )
+    table = Table(title=f"{len(results)} case(s) → {output}", show_header=True)
+    for column in ("case", "objects", "voxels", "volume (ml)", "written"):
+        table.add_column(column)
+    for item in results:
+        written = item.path.name if item.path else f"[red]failed:[/] {item.error}"
+        table.add_row(item.name, str(item.objects), str(item.voxels), f"{item.volume_ml:.2f}", written)
+    Console().print(table)
+    failed = [item.name for item in results if item.error]
+    if failed:
+        console.print(
+            f"[bold red]error:[/] {len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}"
+        )
+        raise typer.Exit(1)
+
+
 @cache_app.command("gc")
 def cache_gc(
     keep: Annotated[list[Path] | None, typer.Argument(help="Workflows whose cached stages to keep.")] = None,
@@ -310,6 +386,23 @@ def cache_gc(
     console.print(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}; kept {len(keys)}")
     if abandoned:
         console.print(f"removed {len(abandoned)} unfinished run checkpoint folder(s) from scratch/")
+
+
+@tracking_app.command("sync")
+def tracking_sync(
+    workspace: WorkspaceOption = Path(".medseg"),
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="Send to this server instead of the one each journal recorded."),
+    ] = None,
+) -> None:
+    """Send the metrics, tags and run ends journalled while a tracking server was away."""
+    from medseg.api import sync_tracking
+
+    _quiet_libraries()
+    with _errors():
+        sent = sync_tracking(workspace=workspace, tracking_uri=tracking_uri)
+    console.print(f"sent {sent} journal{'s' if sent != 1 else ''}" if sent else "nothing to send")
 
 
 def main() -> None:

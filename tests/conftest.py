@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real data beside the project, and a phantom dataset."""
+"""Shared fixtures: paths to the real data beside the project, a phantom dataset, a real CT series."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"
 GOWT1 = SHARED_DATA / "ctc" / "Fluo-N2DH-GOWT1"
 CTC_FIXTURE = SHARED_DATA / "ctc" / "java-ctcmetrics-fixture" / "test_data"
+CT_SERIES = SHARED_DATA / "dicom" / "totalsegmentator-example" / "example_ct_dicom"
 
 
 def require(path: Path) -> Path:
@@ -25,3 +26,51 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from medseg.demo import write_phantom_ctc
 
     return write_phantom_ctc(tmp_path_factory.mktemp("phantom"), frames=12, size=64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def identified_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The real 20-slice CT series with the UIDs its anonymiser blanked filled in, as a PACS holds it.
+
+    Returns the folder and its SeriesInstanceUID.
+    """
+    import pydicom
+
+    folder = tmp_path_factory.mktemp("ct") / "series"
+    folder.mkdir()
+    study = pydicom.uid.generate_uid(entropy_srcs=["medseg-test-study"])
+    series = pydicom.uid.generate_uid(entropy_srcs=["medseg-test-series"])
+    for path in sorted(require(CT_SERIES).iterdir()):
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+        dataset.save_as(folder / path.name)
+    return folder, str(series)
+
+
+def write_ct_export(folder: Path) -> Path:
+    """An export folder of a small, untrained 3D U-Net for CT (seeded, so its output is fixed)."""
+    import json
+
+    import torch
+
+    from medseg.nets.unet import NetParams, build_unet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    params = NetParams(channels=(4, 8), strides=(2,), num_res_units=0)
+    torch.manual_seed(0)
+    net = build_unet(params, spatial_dims=3, in_channels=1, out_channels=2)
+    torch.save(net.state_dict(), folder / "weights.pt")
+    card = {
+        "name": "ct-body",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "net": params.model_dump(mode="json"),
+        "intensity": {"method": "ct", "window": [-1000.0, 1000.0]},
+        "preprocessing": {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0]},
+        "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "min_object_size": 0, "fill_holes": False},
+        "segments": [{"number": 1, "label": "body", "category": ["91723000", "Anatomical Structure"]}],
+    }
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder

@@ -2,7 +2,15 @@
 
 import pytest
 
-from bench import bench_dicom, bench_pipeline, bench_seg, bench_targets, bench_train
+from bench import (
+    bench_accuracy,
+    bench_dicom,
+    bench_inference,
+    bench_pipeline,
+    bench_seg,
+    bench_targets,
+    bench_train,
+)
 from tests.conftest import GOWT1, SHARED_DATA, require
 
 pytestmark = pytest.mark.integration
@@ -41,3 +49,19 @@ def test_dicom_benchmark_smoke():
     require(SHARED_DATA / "dicom" / "totalsegmentator-example" / "example_ct_dicom")
     (row,) = bench_dicom.run(slices=4, repetitions=1)
     assert row["voxels_equal"] is True and float(row["max_affine_difference_mm"]) < 1e-6
+
+
+def test_inference_benchmark_smoke():
+    rows = bench_inference.run(repetitions=1, size_2d=256, shape_3d=(64, 64, 32), rss_shape=(64, 64, 40))
+    assert [row["unit"] for row in rows] == ["s", "s", "GiB"]
+    assert all(row["medseg"] > 0 and row["monai_sliding_window"] > 0 for row in rows)
+
+
+def test_accuracy_benchmark_smoke(tmp_path):
+    from medseg.demo import write_phantom_ctc
+
+    data = write_phantom_ctc(tmp_path / "phantom", frames=8, size=64)
+    tiny = {"epochs": 1, "epoch_repeats": 1, "patch_size": [32, 32], "samples_per_image": 2}
+    rows = bench_accuracy.run(data=data, train=tiny)
+    assert [row["method"] for row in rows] == ["medseg default 2D workflow", "plain MONAI script"]
+    assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,35 @@ def load_model(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dic
     if not card_path.is_file() or not weights_path.is_file():
         raise DataError(f"model folder lacks {CARD_FILE} or {WEIGHTS_FILE}; point at a trained model")
     card = json.loads(card_path.read_text())
-    net = build_unet(
-        NetParams.model_validate(card["net"]),
-        spatial_dims=int(card["spatial_dims"]),
-        in_channels=int(card["in_channels"]),
-        out_channels=int(card["out_channels"]),
-    )
+    return network_from_card(card, weights_path, fix="retrain the model").to(device), card
+
+
+def network_from_card(card: dict[str, Any], weights_path: Path, *, fix: str) -> torch.nn.Module:
+    """The network a card describes, with weights from ``weights_path`` (weights-only load).
+
+    Args:
+        card: a model card with ``net``, ``spatial_dims``, ``in_channels``, ``out_channels``.
+        weights_path: a ``state_dict`` saved by ``torch.save`` (tensors only).
+        fix: what the user should do when card and weights disagree (ends the error).
+
+    Returns:
+        The network in eval mode on the CPU.
+
+    Raises:
+        DataError: the card is incomplete or the weights do not fit its network.
+
+    """
     try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-    except (RuntimeError, ValueError) as exc:
-        raise DataError(f"{WEIGHTS_FILE}: weights do not fit the network in {CARD_FILE} ({exc})") from exc
-    return net.to(device).eval(), card
+        net = build_unet(
+            NetParams.model_validate(card["net"]),
+            spatial_dims=int(card["spatial_dims"]),
+            in_channels=int(card["in_channels"]),
+            out_channels=int(card["out_channels"]),
+        )
+        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    except (KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"{weights_path.name}: the weights do not fit the network its card describes ({reason}); {fix}"
+        ) from exc
+    return net.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -17,6 +19,7 @@ def predict_logits(
     overlap: float,
     device: torch.device,
     sw_batch_size: int = 4,
+    flip_tta: bool = False,
 ) -> torch.Tensor:
     """Logits of ``net`` over a whole image by Gaussian-blended sliding windows.
 
@@ -25,19 +28,30 @@ def predict_logits(
         image: channel-first image ``(C, *spatial)``, float32, normalised.
         roi_size: window size in voxels, one entry per spatial axis.
         overlap: fraction of window overlap in ``[0, 1)``.
+        flip_tta: also predict the image mirrored along every combination of spatial axes
+            (4 passes in 2D, 8 in 3D, as nnU-Net mirrors) and average the mirrored-back
+            softmax probabilities; the result is then log-probabilities.
 
     Returns:
-        Logits ``(out_channels, *spatial)`` on the CPU.
+        Logits ``(out_channels, *spatial)`` on the CPU (log-probabilities with ``flip_tta``).
 
     """
     from monai.inferers import sliding_window_inference
 
     batch = torch.as_tensor(image, dtype=torch.float32, device=device)[None]
+
+    def infer(view: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(view, roi_size, sw_batch_size, net, overlap=overlap, mode="gaussian")
+
     with torch.inference_mode():
-        logits = sliding_window_inference(
-            batch, roi_size, sw_batch_size, net, overlap=overlap, mode="gaussian"
-        )
-    return logits[0].cpu()
+        if not flip_tta:
+            return infer(batch)[0].cpu()
+        spatial = range(2, batch.ndim)
+        mirrors = [axes for n in range(1, len(spatial) + 1) for axes in itertools.combinations(spatial, n)]
+        total = infer(batch).float().softmax(dim=1)
+        for axes in mirrors:
+            total += infer(batch.flip(axes)).flip(axes).float().softmax(dim=1)
+    return (total[0] / (len(mirrors) + 1)).log().cpu()
 
 
 def foreground_to_instances(foreground: np.ndarray, *, min_size: int, fill_holes: bool = True) -> np.ndarray:
@@ -111,6 +125,7 @@ def segment_instances(
     *,
     device: torch.device,
     sw_batch_size: int = 4,
+    flip_tta: bool = False,
 ) -> np.ndarray:
     """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)``, per ``settings.target``."""
     logits = predict_logits(
@@ -120,6 +135,7 @@ def segment_instances(
         overlap=settings.overlap,
         device=device,
         sw_batch_size=sw_batch_size,
+        flip_tta=flip_tta,
     )
     classes = logits.argmax(dim=0).numpy()
     size, fill = settings.min_object_size, settings.fill_holes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 
 from medseg.errors import DataError
+from medseg.inference.model import network_from_card
 from medseg.inference.predict import segment_instances
 from medseg.inference.settings import InferenceSettings
 from medseg.io.geometry import canonical, resample_to_grid, resample_to_spacing
@@ -17,40 +20,91 @@ from medseg.io.ingest import NormalizeParams, normalize_intensity
 from medseg.io.readers import read_image
 from medseg.io.volume import Volume, affine_from_spacing
 
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+EXPORT_FILES = ("weights.pt", "model_card.json")
+"""What ``Segmenter.from_export`` reads from an export folder (``model.ts``/``model.onnx`` sit beside)."""
+
 
 class Segmenter:
-    """Segment images with an exported medseg model (``model.ts`` + ``model_card.json``).
+    """Segment images with an exported medseg model.
 
-    The preprocessing (intensity normalisation) and post-processing (instances from
-    connected components) come from the model card, not from the caller. ``predict`` keeps
-    no state between calls and may be called from several threads at once.
+    The preprocessing (orientation, spacing, intensity normalisation) and the
+    post-processing (instances from the net's classes) come from the model card, not from
+    the caller. ``predict`` keeps no state between calls and may be called from several
+    threads at once.
+
+    Args:
+        module: the network, ``(N, C, *spatial)`` float32 → logits ``(N, classes, *spatial)``.
+        card: the model card (``model_card.json`` of an export).
+        device: ``cpu``, ``cuda``, ``cuda:1``...
+
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, card: dict[str, Any], device: str = "cpu") -> None:
+    def __init__(self, module: torch.nn.Module, card: dict[str, Any], device: str = "cpu") -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.card = card
 
     @classmethod
-    def from_export(cls, folder: str | Path, *, device: str = "cpu") -> Segmenter:
-        """Load from an export folder written by the export stage.
+    def load(cls, source: str | Path, *, tracking_uri: str | None = None, device: str = "cpu") -> Segmenter:
+        """Load from an export folder, an MLflow model URI or a run id.
+
+        ``source`` is an export folder, ``models:/name/version``, ``models:/name@alias``,
+        ``runs:/<run id>/model`` or a run id (a workflow's parent run or its export run).
+        MLflow sources are downloaded from ``tracking_uri`` (required for them) into a
+        temporary folder and loaded like an export folder.
 
         Raises:
-            DataError: the folder lacks ``model.ts`` or ``model_card.json``.
+            DataError: the source is not a medseg export, or its card or weights are unusable.
+            TrackingError: the model or run cannot be found or fetched from the store.
+
+        """
+        path = Path(source)
+        if path.is_dir():
+            return cls.from_export(path, device=device)
+        text = str(source)
+        if not (text.startswith(("models:/", "runs:/")) or _RUN_ID.fullmatch(text)):
+            raise DataError(
+                f"no export folder at '{path.name}', and it is not a models:/ or runs:/ URI or a run id; "
+                "point at an export folder or a registered model"
+            )
+        if tracking_uri is None:
+            raise DataError(f"loading '{text}' needs the MLflow tracking URI (tracking_uri=...)")
+        from medseg.tracking.mlflow import download_model
+
+        with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
+            return cls.from_export(download_model(text, tracking_uri, Path(folder)), device=device)
+
+    @classmethod
+    def from_export(cls, folder: str | Path, *, device: str = "cpu") -> Segmenter:
+        """Load from an export folder: the net rebuilt from its card, weights loaded weights-only.
+
+        No pickled Python object is ever executed: ``weights.pt`` is read with
+        ``torch.load(weights_only=True)`` (tensors only) and the network is built by medseg
+        from the card's ``net`` section.
+
+        Raises:
+            DataError: the folder lacks ``weights.pt`` or ``model_card.json``, or they disagree.
 
         """
         folder = Path(folder)
-        module_path, card_path = folder / "model.ts", folder / "model_card.json"
-        if not module_path.is_file() or not card_path.is_file():
+        if not all((folder / name).is_file() for name in EXPORT_FILES):
             raise DataError(
-                f"'{folder.name}' is not a medseg export (model.ts and model_card.json needed); "
+                f"'{folder.name}' is not a medseg export ({' and '.join(EXPORT_FILES)} needed); "
                 "point at the export stage's output folder"
             )
-        card = json.loads(card_path.read_text())
-        return cls(torch.jit.load(str(module_path), map_location="cpu"), card, device)
+        card = json.loads((folder / "model_card.json").read_text())
+        net = network_from_card(card, folder / "weights.pt", fix="re-export the model")
+        return cls(net, card, device)
 
     def predict(
-        self, image: Volume | np.ndarray | str | Path, *, spacing: tuple[float, ...] | None = None
+        self,
+        image: Volume | np.ndarray | str | Path,
+        *,
+        spacing: tuple[float, ...] | None = None,
+        flip_tta: bool = False,
     ) -> Volume:
         """Segment one image; return an int32 instance label ``Volume`` in its geometry.
 
@@ -60,8 +114,11 @@ class Segmenter:
 
         Args:
             image: a ``Volume`` ``(C, *spatial)``, an array ``(*spatial)`` or ``(C, *spatial)``
-                (with ``spacing`` in mm), or a path to a TIFF/PNG/NIfTI file.
+                (with ``spacing`` in mm), or a path to a TIFF/PNG/NIfTI/NRRD file or a DICOM
+                series folder.
             spacing: voxel spacing in mm for array input.
+            flip_tta: average the predictions of the image mirrored along every
+                combination of axes (2^spatial_dims passes).
 
         Raises:
             DataError: the image's dimensionality or channel count does not fit the model.
@@ -78,7 +135,7 @@ class Segmenter:
         intensity = NormalizeParams.model_validate(self.card["intensity"])
         data = np.stack([normalize_intensity(channel, intensity) for channel in work.array])
         labels = segment_instances(
-            self.module, data, InferenceSettings.from_card(self.card), device=self.device
+            self.module, data, InferenceSettings.from_card(self.card), device=self.device, flip_tta=flip_tta
         )
         result = Volume(labels[None], work.affine, kind="label", meta=dict(volume.meta))
         if work is not volume:  # back onto the caller's voxel grid (nearest neighbour, exact if equal)

@@ -228,6 +228,23 @@ class _Slice:
     label: str  # "instance 12" or "instance 1, frame 3", for messages
 
 
+def find_series(folder: Path, rules: SeriesRules | None = None) -> DicomSeries:
+    """The one image series under ``folder`` that ``rules`` select (default: any image series).
+
+    Raises:
+        DataError: none or several series match (their keys are named).
+
+    """
+    found = select_series(index_dicom(folder), rules or SeriesRules())
+    if len(found) != 1:
+        keys = ", ".join(series.key for series in found) or "none"
+        raise DataError(
+            f"the DICOM folder holds {len(found)} image series matching the rules ({keys}); point at a "
+            "folder with exactly one series, or select one (ingest.series)"
+        )
+    return found[0]
+
+
 def read_series(series: DicomSeries, *, max_gib: float = 8.0) -> Volume:
     """Build the series' volume: ``(1, x, y, z)`` float32 in RAS+ order with its affine (mm).
 

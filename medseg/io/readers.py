@@ -166,16 +166,9 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom_folder(path: Path, kind: VolumeKind, rules: SeriesRules | None) -> Volume:
-    from medseg.io.dicom import SeriesRules, index_dicom, read_series, select_series
+    from medseg.io.dicom import find_series, read_series
 
-    images = select_series(index_dicom(path), rules or SeriesRules())
-    if len(images) != 1:
-        found = ", ".join(series.key for series in images) or "none"
-        raise DataError(
-            f"the DICOM folder holds {len(images)} image series matching the rules ({found}); point at a "
-            "folder with exactly one series, or select one (ingest.series)"
-        )
-    volume = read_series(images[0])
+    volume = read_series(find_series(path, rules))
     if kind == "label":
         return Volume(np.rint(volume.array).astype(np.int32), volume.affine, kind="label", meta=volume.meta)
     return volume

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,11 @@ class StageContext:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or directory to this stage's run."""
         self.tracker.log_artifact(self.run_id, path, artifact_path)
+
+    def keep_private(self, source_map: Mapping[str, str]) -> None:
+        """Write the map ``case id → source`` to ``<private_dir>/<key>.json`` (never logged)."""
+        self.private_dir.mkdir(parents=True, exist_ok=True)
+        (self.private_dir / f"{self.key}.json").write_text(json.dumps(dict(source_map), indent=2))
 
     def log_model(self, model_dir: Path, **kwargs: Any) -> ModelInfo:
         """Log an exported model folder to this stage's run (see ``Tracker.log_model``)."""

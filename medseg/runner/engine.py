@@ -318,7 +318,7 @@ class Runner:
     def _log_parent(self, workflow: ResolvedWorkflow, tracker: Tracker, parent: str) -> None:
         params: dict[str, object] = {"seed": workflow.seed, "pipeline": workflow.pipeline.name}
         for stage in workflow.stages:
-            params.update(flatten_params(stage.params.model_dump(mode="json"), stage.name))
+            params.update(flatten_params(stage.params.loggable(), stage.name))
         tracker.log_params(parent, params)
         tracker.log_text(parent, json.dumps(workflow.resolved_document(), indent=2), "workflow/resolved.json")
         tracker.log_text(parent, workflow.redacted_text(), "workflow/workflow.yaml")
@@ -379,7 +379,7 @@ class Runner:
         started = time.perf_counter()
         scratch = self.workspace.scratch_dir / key
         try:
-            tracker.log_params(run_id, flatten_params(stage.params.model_dump(mode="json")))
+            tracker.log_params(run_id, flatten_params(stage.params.loggable()))
             scratch.mkdir(parents=True, exist_ok=True)
             with self.cache.staging(key, stage.spec.outputs) as staged:
                 context = self._context(workflow, stage, key, digests, tracker, run_id, progress)

@@ -110,9 +110,15 @@ class ResolvedWorkflow:
         """The workflow file as YAML with input paths and the tracking URI removed.
 
         Paths can name patients or sites and URIs can hold credentials: neither is logged.
+        Overridden params are shown as logged (identifying values as digests).
         """
         document = yaml.safe_load(self.text)
         document["inputs"] = {name: "<path not logged>" for name in document.get("inputs", {})}
+        loggable = {stage.name: stage.params.loggable() for stage in self.stages}
+        if isinstance(document.get("params"), dict):
+            document["params"] = {
+                name: _as_logged(value, loggable.get(name, {})) for name, value in document["params"].items()
+            }
         if isinstance(document.get("tracking"), dict) and "uri" in document["tracking"]:
             document["tracking"]["uri"] = "<not logged>"
         return yaml.safe_dump(document, sort_keys=False)
@@ -120,7 +126,8 @@ class ResolvedWorkflow:
     def resolved_document(self) -> dict[str, Any]:
         """The resolved workflow as data: pipeline, seed and every stage's full params.
 
-        Input paths are replaced by their names: source paths are never logged.
+        Input paths are replaced by their names: source paths are never logged; identifying
+        params (DICOM UIDs) appear as digests.
         """
         return {
             "workflow": self.name,
@@ -133,11 +140,18 @@ class ResolvedWorkflow:
                     "uses": stage.spec.name,
                     "version": stage.spec.version,
                     "inputs": stage.inputs,
-                    "params": stage.params.model_dump(mode="json"),
+                    "params": stage.params.loggable(),
                 }
                 for stage in self.stages
             },
         }
+
+
+def _as_logged(written: Any, logged: Any) -> Any:
+    """``written`` (a workflow's params overrides) with each value taken from ``logged``."""
+    if isinstance(written, dict) and isinstance(logged, dict):
+        return {key: _as_logged(value, logged.get(key, value)) for key, value in written.items()}
+    return logged
 
 
 def _read_yaml(path: Path, what: str) -> tuple[dict[str, Any], str]:

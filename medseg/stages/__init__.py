@@ -1,10 +1,21 @@
 """Stage adapters from the stage contract to the library functions, in an explicit registry."""
 
 from medseg.runner.contract import StageSpec
-from medseg.stages import evaluate, export, ingest, train
+from medseg.stages import evaluate, export, ingest, pacs, predict, train
 
 REGISTRY: dict[str, StageSpec] = {
-    stage.name: stage for stage in (ingest.STAGE, train.STAGE, evaluate.STAGE, export.STAGE)
+    stage.name: stage
+    for stage in (
+        ingest.STAGE,
+        train.STAGE,
+        evaluate.STAGE,
+        export.STAGE,
+        predict.INGEST_IMAGES,
+        predict.PREDICT,
+        predict.WRITE_MASKS,
+        pacs.FETCH,
+        pacs.STORE,
+    )
 }
 
 __all__ = ["REGISTRY"]

@@ -3,18 +3,53 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
 
 from medseg.params import Params
 from medseg.runner.contract import StageContext, StageSpec
 
+_RESERVED_ALIAS = re.compile(r"latest|[vV][0-9]+")
+"""Alias names MLflow reserves (``latest``, ``v<number>``)."""
+
+
+class SegmentParams(Params):
+    """What the predicted objects are, for DICOM SEG segment descriptions and the model card.
+
+    ``category`` and ``property_type`` are SNOMED CT codes (code value, meaning); the
+    defaults say "Tissue", which fits any object. Example: ``{label: liver, category:
+    ["123037004", "Anatomical Structure"], property_type: ["10200004", "Liver"]}``.
+    """
+
+    label: str = Field("foreground", min_length=1, max_length=64)
+    category: tuple[str, str] = ("85756007", "Tissue")
+    property_type: tuple[str, str] = ("85756007", "Tissue")
+
 
 class ExportParams(Params):
-    """What to export. ``register_as`` names a registered model in the MLflow registry."""
+    """What to export.
+
+    ``register_as`` names a model in the MLflow registry (a new version per export);
+    ``aliases`` (e.g. ``champion``) are pointed at that version.
+    """
 
     mlflow_model: bool = True
-    register_as: str | None = None
+    register_as: str | None = Field(None, min_length=1, max_length=256)
+    aliases: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,255}$")], ...] = ()
+    segment: SegmentParams = SegmentParams()
+
+    @model_validator(mode="after")
+    def _aliases_need_registration(self) -> ExportParams:
+        if self.aliases and not (self.register_as and self.mlflow_model):
+            raise ValueError("aliases need register_as (and mlflow_model: true); name the registered model")
+        reserved = [alias for alias in self.aliases if _RESERVED_ALIAS.fullmatch(alias)]
+        if reserved:
+            raise ValueError(f"aliases {reserved} are reserved by MLflow; pick names such as 'champion'")
+        return self
 
 
 def run(
@@ -23,7 +58,9 @@ def run(
     inputs: Mapping[str, Path],
     outputs: Mapping[str, Path],
 ) -> dict[str, float]:
-    """Write ``model.ts`` and ``model_card.json``; log the MLflow model with its signature."""
+    """Write weights, TorchScript, ONNX and the model card; log (and register) the MLflow model."""
+    import shutil
+
     import numpy as np
     import torch
 
@@ -50,6 +87,7 @@ def run(
     module = export_torchscript(net, example, target / "model.ts")
     parity = max_abs_difference(net, module, example)  # a window: whole images need not fit the strides
     export_onnx(net, example, target / "model.onnx")
+    shutil.copyfile(inputs["model"] / "weights.pt", target / "weights.pt")
     # Real windows of the test image: the export size, and a batch of two at another size.
     other = tuple(
         slice(0, max(divisor, (extent // 2) // divisor * divisor)) for extent in image.spatial_shape
@@ -67,6 +105,14 @@ def run(
             "research use: segmentation of images like the training data; "
             "not a medical device, not for diagnosis"
         ),
+        "segments": [
+            {
+                "number": 1,
+                "label": params.segment.label,
+                "category": list(params.segment.category),
+                "property_type": list(params.segment.property_type),
+            }
+        ],
         "input": "float32 (N, C, *spatial), normalised as 'intensity' says",
         "output": "int64 (N, *spatial) class labels (see 'labels'); instances as 'task' says",
         "evaluation": json.loads(summary_path.read_text()),
@@ -74,6 +120,7 @@ def run(
         "medseg_version": __version__,
     }
     (target / "model_card.json").write_text(json.dumps(model_card, indent=2))
+    context.log_artifact(target / "model_card.json")
     metrics = {"export/torchscript_max_abs_diff": parity, "export/onnx_max_abs_diff": onnx_difference}
     if params.mlflow_model:
         logits = predict_logits(
@@ -90,6 +137,7 @@ def run(
             input_example=example.numpy(),
             output_example=output_example,
             registered_name=params.register_as,
+            aliases=params.aliases,
             pip_requirements=[
                 f"torch=={versions['torch']}",
                 f"monai=={versions['monai']}",
@@ -104,10 +152,10 @@ def run(
 
 STAGE = StageSpec(
     name="export",
-    version=3,
+    version=4,
     params=ExportParams,
     inputs=("model", "dataset", "report"),
     outputs=("export",),
     run=run,
-    description="TorchScript and ONNX export (parity checked), model card, MLflow pyfunc model",
+    description="TorchScript and ONNX export (parity checked), model card, MLflow model, registry",
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,18 +20,13 @@ def run(
     The map from case ids to sources goes to ``<workspace>/private/<key>.json`` before any
     case is read, so an error naming ``case_0007`` can be traced there; it is never logged.
     """
-
-    def keep_private(source_map: dict[str, str]) -> None:
-        context.private_dir.mkdir(parents=True, exist_ok=True)
-        (context.private_dir / f"{context.key}.json").write_text(json.dumps(source_map, indent=2))
-
     index, _ = ingest_dataset(
         inputs["source"],
         params,
         outputs["dataset"],
         seed=context.seed,
         progress=context.progress,
-        on_discovered=keep_private,
+        on_discovered=context.keep_private,
     )
     counts = {name: len(ids) for name, ids in index.splits.items()}
     full = sum(case.fully_annotated for case in index.cases)

@@ -7,7 +7,7 @@ explicit run ids (no global "active run"), so several runs can be open at once.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -68,9 +68,14 @@ class Tracker(Protocol):
         input_example: np.ndarray,
         output_example: np.ndarray,
         registered_name: str | None = None,
+        aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
     ) -> ModelInfo:
-        """Log an exported model folder as a model with signature and input example."""
+        """Log an exported model folder as a model with signature and input example.
+
+        With ``registered_name`` the model is registered as a new version of that model,
+        described by its card and given ``aliases``.
+        """
         ...
 
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
@@ -116,10 +121,11 @@ class NullTracker:
         input_example: np.ndarray,
         output_example: np.ndarray,
         registered_name: str | None = None,
+        aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
     ) -> ModelInfo:
         """Return the local folder as the model's URI."""
-        del run_id, input_example, output_example, registered_name, pip_requirements
+        del run_id, input_example, output_example, registered_name, aliases, pip_requirements
         return ModelInfo(uri=model_dir.as_uri())
 
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:

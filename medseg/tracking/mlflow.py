@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -24,6 +24,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _PYFUNC_SOURCE = Path(__file__).with_name("mlflow_pyfunc.py")
 _MAX_PARAM_LENGTH = 6000
+_MODEL_ARTIFACTS = {"torchscript": "model.ts", "weights": "weights.pt", "card": "model_card.json"}
 
 
 def redact_uri(uri: str) -> str:
@@ -154,31 +155,39 @@ class MlflowTracker:
         input_example: np.ndarray,
         output_example: np.ndarray,
         registered_name: str | None = None,
+        aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
     ) -> ModelInfo:
-        """Log ``model_dir`` (``model.ts`` + ``model_card.json``) as an MLflow pyfunc model.
+        """Log ``model_dir`` (an export folder) as an MLflow pyfunc model; register it if named.
 
-        The model is defined from code (``mlflow_pyfunc.py``), not pickled: loading it runs
-        medseg's own module and ``torch.jit.load``, never unpickles a Python object.
+        The model is defined from code (``mlflow_pyfunc.py``), not pickled; its artifacts are
+        the export's ``model.ts``, ``weights.pt`` and ``model_card.json``. A registered
+        version gets the card's summary as its description, ``medseg.*`` tags (task, labels,
+        spacing, metrics) and the ``aliases`` (moved from any older version).
         """
         from mlflow.models import infer_signature
 
         mlflow = self._mlflow
         signature = infer_signature(input_example, output_example)
+        card = json.loads((model_dir / "model_card.json").read_text())
         with _fluent_tracking_uri(mlflow, self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(_PYFUNC_SOURCE),
-                artifacts={
-                    "torchscript": str(model_dir / "model.ts"),
-                    "card": str(model_dir / "model_card.json"),
-                },
+                artifacts={name: str(model_dir / file) for name, file in _MODEL_ARTIFACTS.items()},
                 signature=signature,
                 input_example=input_example,
                 pip_requirements=pip_requirements,
                 registered_model_name=registered_name,
             )
         version = info.registered_model_version
+        if registered_name is not None and version is not None:
+            version = str(version)
+            self._client.update_model_version(registered_name, version, description=_card_summary(card))
+            for key, value in _card_tags(card).items():
+                self._client.set_model_version_tag(registered_name, version, key, value)
+            for alias in aliases:
+                self._client.set_registered_model_alias(registered_name, alias, version)
         return ModelInfo(
             uri=str(info.model_uri),
             registered_name=registered_name,
@@ -189,6 +198,81 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
         """Close a run."""
         self._client.set_terminated(run_id, status=status)
+
+
+def download_model(source: str, tracking_uri: str, destination: Path) -> Path:
+    """Download a logged medseg model and return the folder holding its export files.
+
+    Args:
+        source: ``models:/name/version``, ``models:/name@alias``, ``runs:/<run id>/model``, or
+            a run id: the export stage's run, or a workflow's parent run (its export child).
+        tracking_uri: the MLflow tracking (and registry) URI.
+        destination: an empty folder to download into.
+
+    Raises:
+        TrackingError: the model, version, alias or run does not exist, or the store fails.
+
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    where = redact_uri(tracking_uri)
+    try:
+        uri = source
+        if not source.startswith(("models:/", "runs:/")):
+            client = MlflowClient(tracking_uri=tracking_uri)
+            run = client.get_run(source)
+            if run.data.tags.get("medseg.stage_type") != "export":
+                children = client.search_runs(
+                    [run.info.experiment_id],
+                    filter_string=(
+                        f"tags.mlflow.parentRunId = '{source}' and tags.`medseg.stage_type` = 'export'"
+                    ),
+                )
+                if not children:
+                    raise TrackingError(
+                        f"run {source} at {where} is neither an export stage run nor the parent of one; "
+                        "pass the run of a workflow that exported a model"
+                    )
+                source = children[0].info.run_id
+            uri = f"runs:/{source}/model"
+        with _fluent_tracking_uri(mlflow, tracking_uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+    except TrackingError:
+        raise
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise TrackingError(
+            f"cannot fetch model '{source}' from MLflow at {where}: {reason}; check the name, version "
+            "or alias (mlflow UI → Models) and that the server is reachable"
+        ) from exc
+    return local / "artifacts"
+
+
+def _card_summary(card: Mapping[str, Any]) -> str:
+    """The registered version's description: what the model does and how it scored."""
+    evaluation = card.get("evaluation", {})
+    scores = ", ".join(
+        f"{name} {float(value):.3f}" for name, value in evaluation.items() if isinstance(value, int | float)
+    )
+    return (
+        f"{card.get('task', 'segmentation')}; {card['spatial_dims']}D, labels {card.get('labels')}; "
+        f"intensity {card.get('intensity', {}).get('method')}; spacing {card.get('spacing')} mm; "
+        f"test-set {scores or 'not evaluated'}. Intended use: {card.get('intended_use', 'research')}. "
+        "Full card: artifacts/model_card.json"
+    )
+
+
+def _card_tags(card: Mapping[str, Any]) -> dict[str, str]:
+    """Searchable ``medseg.*`` tags of a registered version."""
+    return {
+        "medseg.task": str(card.get("task", "")),
+        "medseg.spatial_dims": str(card["spatial_dims"]),
+        "medseg.labels": json.dumps(card.get("labels", {})),
+        "medseg.spacing_mm": json.dumps(card.get("spacing")),
+        "medseg.training_data_digest": str(card.get("training", {}).get("dataset_digest", "")),
+        "medseg.version": str(card.get("medseg_version", "")),
+    }
 
 
 def _param_value(value: object) -> str:

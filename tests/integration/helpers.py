@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +15,13 @@ import pytest
 import yaml
 
 from medseg.stages import REGISTRY
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def write_workflow(folder: Path, data: Path, *, name: str, params: dict, experiment: str) -> Path:
@@ -66,3 +75,49 @@ def run_cli(
         env=env or clean_env(),
         check=False,
     )
+
+
+def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` on loopback (SQLite store and served artifacts under ``root``).
+
+    The server keeps its store across restarts on the same ``root`` and ``port``.
+
+    Returns the process and its URL once ``/health`` answers (fails the test after 90 s).
+    """
+    import time
+    import urllib.request
+
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.5)
+    stop(process)
+    pytest.fail("mlflow server did not start within 90 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate a server started by a test, and its workers (the whole process group)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
