@@ -7,14 +7,20 @@ random 256² crops with flips and 90° rotations, Adam, trained on the same trai
 the same wall-clock seconds as medseg's train stage, then Gaussian sliding-window inference,
 argmax and connected components. Both are scored by the same code on the same held-out test
 split (SEG over all 27 test frames, 72 annotated cells; IoU/Dice on the fully annotated test
-frame). nnU-Net v2 is not in the table: see RESULTS.md for why.
+frame). With ``NNUNET_PYTHON`` naming an interpreter that has ``nnunetv2`` installed, nnU-Net
+v2's 2d configuration (its defaults, CPU) joins the table with the same budget and data
+(``bench/nnunet_baseline.py``); its foreground becomes instances by connected components.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +98,39 @@ def plain_predict(net: torch.nn.Module, image: np.ndarray, patch: int) -> np.nda
     return ndimage.label(logits.argmax(dim=1)[0].numpy() > 0)[0]
 
 
+def nnunet(python: str, dataset: Path, index: Any, budget: float, work: Path) -> tuple[str, dict[str, float]]:
+    """nnU-Net v2 2d trained for ``budget`` seconds in its own venv, scored like the others."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from medseg.io.dataset import load_case
+    from medseg.metrics.evaluate import evaluate_case, summarize
+
+    script = Path(__file__).with_name("nnunet_baseline.py")
+    subprocess.run(
+        [python, str(script), str(dataset), str(work), str(budget)], check=True, capture_output=True
+    )
+    info = json.loads((work / "nnunet.json").read_text())
+    cases = []
+    for record in index.split("test"):
+        _, label = load_case(dataset, record)
+        foreground = np.asarray(Image.open(work / "pred" / f"{record.case_id}.png")) > 0
+        cases.append(
+            evaluate_case(
+                record.case_id,
+                label.array[0],
+                ndimage.label(foreground)[0],
+                surface=False,
+                fully_annotated=record.fully_annotated,
+            )
+        )
+    name = (
+        f"nnU-Net v2 2d, CPU ({info['iterations']} iterations of batch {info['batch_size']} × "
+        f"{'×'.join(map(str, info['patch_size']))}; predict {info['predict_s']} s)"
+    )
+    return name, summarize(cases).as_metrics("eval")
+
+
 def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[dict[str, object]]:
     """Two rows, medseg and the plain script; ``data``/``train`` shrink the run for the smoke test."""
     from medseg.io.dataset import load_case, read_index
@@ -129,8 +168,13 @@ def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[di
                 )
             )
         plain = summarize(cases).as_metrics("eval")
+        compared = [("medseg default 2D workflow", result.metrics), ("plain MONAI script", plain)]
+        if os.environ.get("NNUNET_PYTHON"):
+            compared.append(
+                nnunet(os.environ["NNUNET_PYTHON"], dataset, index, budget, Path(folder) / "nnunet")
+            )
     rows = []
-    for name, metrics in (("medseg default 2D workflow", result.metrics), ("plain MONAI script", plain)):
+    for name, metrics in compared:
         rows.append(
             {
                 "method": name,

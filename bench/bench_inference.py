@@ -4,8 +4,8 @@ The baseline is what a hand-written script does: normalise, Gaussian-blended sli
 argmax. The Segmenter does that and also what it owes its callers: the model card's geometry
 (RAS+ check), the task's post-processing into instances and the label Volume in the input's
 geometry. Inputs: a large 2D image (a real GOWT1 frame tiled to 2048², or a phantom where the
-data is absent) and a CT-like 3D volume; median seconds over repetitions, ratio medseg /
-baseline. Peak RSS: each side segments a 512×512×300 float32 volume in a fresh process
+data is absent) and a CT-like 3D volume; median seconds over repetitions run alternately,
+ratio medseg / baseline. Peak RSS: each side segments a 512×512×300 float32 volume in a fresh process
 (``ru_maxrss``, target < 4 GiB for medseg).
 """
 
@@ -58,15 +58,19 @@ def baseline(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
     return logits.argmax(dim=1)[0].numpy()
 
 
-def timed(function, repetitions: int) -> float:
-    """Median seconds of ``function()`` over ``repetitions`` runs after one warm-up."""
-    function()
-    seconds = []
+def paired(first, second, repetitions: int) -> tuple[float, float]:
+    """Median seconds of ``first()`` and ``second()``, run alternately after one warm-up each.
+
+    Alternating keeps slow drifts of the machine (other processes, frequency) out of the ratio.
+    """
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repetitions):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        for function, seconds in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            function()
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def image_2d(size: int) -> np.ndarray:
@@ -123,7 +127,7 @@ def rss_child(side: str, shape: list[int]) -> None:
 
 
 def run(
-    repetitions: int = 3,
+    repetitions: int = 5,
     size_2d: int = 2048,
     shape_3d: tuple[int, int, int] = (256, 256, 128),
     rss_shape: tuple[int, int, int] | None = (512, 512, 300),
@@ -136,8 +140,11 @@ def run(
     ]
     for name, image, segmenter, spacing in cases:
         volume = Volume(image[None], affine_from_spacing(spacing))
-        medseg_s = timed(lambda volume=volume, s=segmenter: s.predict(volume), repetitions)
-        base_s = timed(lambda image=image, s=segmenter: baseline(s, image), repetitions)
+        medseg_s, base_s = paired(
+            lambda volume=volume, s=segmenter: s.predict(volume),
+            lambda image=image, s=segmenter: baseline(s, image),
+            repetitions,
+        )
         rows.append(
             {
                 "benchmark": f"{name} {'×'.join(map(str, image.shape))}",

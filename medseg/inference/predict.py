@@ -137,8 +137,25 @@ def segment_instances(
         sw_batch_size=sw_batch_size,
         flip_tta=flip_tta,
     )
-    classes = logits.argmax(dim=0).numpy()
+    classes = class_map(logits)
+    del logits  # the largest array: free it before post-processing
     size, fill = settings.min_object_size, settings.fill_holes
     if settings.target == "boundary":
         return boundary_to_instances(classes, min_size=size, fill_holes=fill)
     return foreground_to_instances(classes > 0, min_size=size, fill_holes=fill)
+
+
+def class_map(logits: torch.Tensor, *, voxels_per_slab: int = 1 << 22) -> np.ndarray:
+    """Argmax over classes of logits ``(classes, *spatial)`` as uint8 ``(*spatial)``.
+
+    Computed in slabs along the first spatial axis, so the int64 indices torch's argmax
+    makes never exist for the whole image at once (a 512×512×300 volume: 630 MB).
+    """
+    if logits.shape[0] == 2:  # two classes: a comparison, much cheaper than a strided argmax
+        return (logits[1] > logits[0]).numpy().astype(np.uint8)
+    classes = np.empty(logits.shape[1:], np.uint8)
+    per_row = max(1, int(np.prod(logits.shape[2:])))
+    step = max(1, voxels_per_slab // per_row)
+    for start in range(0, logits.shape[1], step):
+        classes[start : start + step] = logits[:, start : start + step].argmax(dim=0).numpy()
+    return classes

@@ -133,7 +133,11 @@ class Segmenter:
             )
         work = self._training_geometry(volume)
         intensity = NormalizeParams.model_validate(self.card["intensity"])
-        data = np.stack([normalize_intensity(channel, intensity) for channel in work.array])
+        data = (
+            normalize_intensity(work.array[0], intensity)[None]  # no stacking copy for one channel
+            if channels == 1
+            else np.stack([normalize_intensity(channel, intensity) for channel in work.array])
+        )
         labels = segment_instances(
             self.module, data, InferenceSettings.from_card(self.card), device=self.device, flip_tta=flip_tta
         )
@@ -141,6 +145,22 @@ class Segmenter:
         if work is not volume:  # back onto the caller's voxel grid (nearest neighbour, exact if equal)
             result = resample_to_grid(result, volume.spatial_shape, volume.affine, order=0)
         return result
+
+    def write_dicom_seg(self, labels: Volume, source: str | Path, path: str | Path) -> Path:
+        """Write ``labels`` (from ``predict`` on the series in ``source``) as a DICOM SEG.
+
+        The SEG references the source series and describes its segment from the model card
+        (``segments``), with medseg as the automatic algorithm.
+
+        Raises:
+            DataError: ``source`` is not one referenceable DICOM series, or the labels are not
+                on its grid.
+
+        """
+        from medseg.inference.cohort import write_labels
+        from medseg.io.dicom import find_series
+
+        return write_labels(labels, Path(path), "dicom-seg", card=self.card, series=find_series(Path(source)))
 
     def _training_geometry(self, volume: Volume) -> Volume:
         """The image in the geometry the model was trained in: RAS+ and the ingest spacing (3D)."""

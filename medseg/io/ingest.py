@@ -119,19 +119,25 @@ def discover(source: Path, params: IngestParams) -> tuple[list[SourceCase], Inge
 
 
 def normalize_intensity(image: np.ndarray, params: NormalizeParams) -> np.ndarray:
-    """Normalise an image array to float32 (any shape) as ``params`` says."""
-    data = image.astype(np.float32)
-    if not np.all(np.isfinite(data)):
+    """Normalise an image array to float32 (any shape) as ``params`` says (one float32 copy)."""
+    data = image.astype(np.float32)  # the only copy: the steps below work in place
+    if not np.isfinite(data).all():
         raise ValueError("image has NaN or infinite values")
     if params.method == "none":
         return data
     if params.method == "zscore":
-        return ((data - data.mean()) / max(float(data.std()), 1e-6)).astype(np.float32)
-    if params.method == "ct":
-        low, high = params.window
-        return ((np.clip(data, low, high) - low) / max(high - low, 1e-6)).astype(np.float32)
-    low, high = (float(v) for v in np.percentile(data, [params.lower, params.upper]))
-    return ((data - low) / max(high - low, 1e-6)).astype(np.float32)
+        scale = max(float(data.std()), 1e-6)
+        data -= data.mean()
+    else:
+        if params.method == "ct":
+            low, high = params.window
+            np.clip(data, low, high, out=data)
+        else:
+            low, high = (float(v) for v in np.percentile(data, [params.lower, params.upper]))
+        scale = max(high - low, 1e-6)
+        data -= np.float32(low)
+    data /= np.float32(scale)
+    return data
 
 
 def split_cases(

@@ -16,6 +16,9 @@ import yaml
 
 from medseg.stages import REGISTRY
 
+FAST_TRAIN = {"epochs": 2, "patch_size": [32, 32], "batch_size": 4, "samples_per_image": 2}
+"""Train params that make the phantom study run in seconds."""
+
 
 def free_port() -> int:
     """A TCP port free on loopback now."""

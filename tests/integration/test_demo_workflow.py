@@ -8,11 +8,9 @@ from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.demo import write_phantom_ctc
-from tests.integration.helpers import child_runs, spy_on_stages, write_workflow
+from tests.integration.helpers import FAST_TRAIN, child_runs, spy_on_stages, write_workflow
 
 pytestmark = pytest.mark.integration
-
-FAST_TRAIN = {"epochs": 2, "patch_size": [32, 32], "batch_size": 4, "samples_per_image": 2}
 
 
 @pytest.fixture(scope="module")

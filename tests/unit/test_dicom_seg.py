@@ -26,13 +26,15 @@ CT_3SLICE = SHARED_DATA / "dicom" / "dcmqi-segmentations" / "ct-3slice"
 def test_labels_round_trip_through_dicom_seg_and_nifti_in_source_geometry(identified_ct, tmp_path):
     folder, series_uid = identified_ct
     source = read_image(folder)
-    labels = threshold_segmenter(None).predict(folder)  # body (> -500 HU): a known answer
+    segmenter = threshold_segmenter(None)
+    labels = segmenter.predict(folder)  # body (> -500 HU): a known answer
     assert labels.spatial_shape == source.spatial_shape == (512, 512, 20)
     np.testing.assert_array_equal(labels.affine, source.affine)
     np.testing.assert_array_equal(labels.array[0] > 0, source.array[0] > -500)
 
     card = {"name": "body", "segments": [{"number": 1, "label": "body"}]}
-    seg_path = write_labels(labels, tmp_path / "body.dcm", "dicom-seg", card=card, series=find_series(folder))
+    segmenter.card.update(card)
+    seg_path = segmenter.write_dicom_seg(labels, folder, tmp_path / "body.dcm")
     back = read_dicom_seg(seg_path)  # highdicom
     np.testing.assert_allclose(back.affine, labels.affine, atol=1e-6)
     placed = resample_to_grid(back, labels.spatial_shape, labels.affine, order=0)

@@ -81,3 +81,15 @@ def test_dicom_series_prediction_matches_its_nifti_twin_in_world_space():
     back, affine = to_ras(twin_labels.array[0], twin_labels.affine)
     assert np.allclose(affine, labels.affine) and np.array_equal(back, labels.array[0])
     assert nib.aff2axcodes(labels.affine) == ("R", "A", "S")
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_class_map_equals_argmax_in_slabs(classes):
+    from medseg.inference.predict import class_map
+
+    logits = torch.randn(classes, 7, 5, 3, generator=torch.Generator().manual_seed(classes))
+    logits[:, 0, 0, 0] = 1.0  # a tie: argmax takes the first class, so must class_map
+    expected = logits.argmax(dim=0).numpy()
+    for slab in (1, 15, 10_000):  # one row per slab, several rows, the whole volume
+        result = class_map(logits, voxels_per_slab=slab)
+        assert result.dtype == np.uint8 and np.array_equal(result, expected)
