@@ -124,6 +124,17 @@ def write_labels(
     )
 
 
+def label_summary(labels: Volume) -> dict[str, Any]:
+    """``objects`` (instances), ``voxels`` (labelled) and ``volume_ml`` (mm³ / 1000) of a label Volume."""
+    data = labels.array[0]
+    voxels = int(np.count_nonzero(data))
+    return {
+        "objects": len(np.unique(data[data > 0])),
+        "voxels": voxels,
+        "volume_ml": round(voxels * float(np.prod(labels.spacing)) / 1000.0, 4),
+    }
+
+
 @dataclass(frozen=True)
 class CasePrediction:
     """What ``predict_cohort`` did with one case.
@@ -179,17 +190,7 @@ def predict_cohort(
         except DataError as exc:
             results.append(CasePrediction(name, None, error=str(exc)))
         else:
-            data = labels.array[0]
-            voxels = int(np.count_nonzero(data))
-            results.append(
-                CasePrediction(
-                    name,
-                    destination,
-                    objects=len(np.unique(data[data > 0])),
-                    voxels=voxels,
-                    volume_ml=voxels * float(np.prod(labels.spacing)) / 1000.0,
-                )
-            )
+            results.append(CasePrediction(name, destination, **label_summary(labels)))
         if progress is not None:
             progress("predict", number, len(cases), name)
     return results

@@ -91,6 +91,7 @@ def run_predict(
     """Segment every case with the exported model; write labels and ``predictions.csv``."""
     import numpy as np
 
+    from medseg.inference.cohort import label_summary
     from medseg.inference.segmenter import Segmenter
     from medseg.io.readers import read_image, write_image
 
@@ -108,16 +109,7 @@ def run_predict(
         folder = outputs["labels"] / "cases" / case_id
         folder.mkdir(parents=True)
         write_image(labels, folder / "label.nii.gz")
-        data = labels.array[0]
-        voxels = int(np.count_nonzero(data))
-        rows.append(
-            {
-                "case_id": case_id,
-                "objects": len(np.unique(data[data > 0])),
-                "voxels": voxels,
-                "volume_ml": round(voxels * float(np.prod(labels.spacing)) / 1000.0, 4),
-            }
-        )
+        rows.append({"case_id": case_id, **label_summary(labels)})
         context.progress("predict", number, len(records))
     table = outputs["labels"] / "predictions.csv"
     with table.open("w", newline="") as handle:
