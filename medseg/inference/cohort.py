@@ -16,6 +16,7 @@ from medseg.io.readers import (
     NRRD_SUFFIXES,
     PNG_SUFFIXES,
     TIFF_SUFFIXES,
+    image_stem,
     image_suffix,
     write_image,
 )
@@ -30,12 +31,6 @@ OutputFormat = Literal["nifti", "dicom-seg", "tiff"]
 
 OUTPUT_SUFFIX: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm", "tiff": ".tif"}
 INPUT_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES + NIFTI_SUFFIXES + NRRD_SUFFIXES
-
-
-def image_stem(path: Path) -> str:
-    """A file's name without its image suffix (``ct.nii.gz`` → ``ct``); a folder's name."""
-    suffix = image_suffix(path)
-    return path.name[: -len(suffix)] if path.is_file() and suffix else path.name
 
 
 def discover_images(source: Path) -> list[tuple[str, Path]]:
@@ -173,7 +168,7 @@ def predict_cohort(
     renamed, so an interrupted run leaves no half-written mask. ``progress`` is called
     with ``("predict", done, total, case name)`` after each case.
     """
-    from medseg.io.dicom import find_series
+    from medseg.io.dicom import find_series, read_series
 
     suffix = OUTPUT_SUFFIX[output_format]
     single = len(cases) == 1 and output.name.lower().endswith(suffix)
@@ -181,10 +176,11 @@ def predict_cohort(
     for number, (name, path) in enumerate(cases, start=1):
         destination = output if single else output / f"{name}{suffix}"
         try:
-            labels = segmenter.predict(path, flip_tta=flip_tta)
+            # A SEG must reference the series that was segmented: index the folder once, read that series.
+            series = find_series(path) if output_format == "dicom-seg" and path.is_dir() else None
+            labels = segmenter.predict(read_series(series) if series else path, flip_tta=flip_tta)
             partial = destination.with_name(f".{destination.name}.partial{suffix}")
             destination.parent.mkdir(parents=True, exist_ok=True)
-            series = find_series(path) if output_format == "dicom-seg" and path.is_dir() else None
             write_labels(labels, partial, output_format, card=segmenter.card, series=series)
             os.replace(partial, destination)
         except DataError as exc:

@@ -351,6 +351,30 @@ def _enhanced_frame(dataset: Any, index: int, pixels: np.ndarray, label: str, ke
     )
 
 
+def stored_grid_affine(
+    cosines: np.ndarray, pixel_spacing: tuple[float, float], first_position: np.ndarray, slice_step: float
+) -> np.ndarray:
+    """RAS affine ``(4, 4)`` of a series' voxel grid as stored: ``(columns, rows, slices)``.
+
+    x runs along a row (column index), y down the columns (row index), z along the normal.
+
+    Args:
+        cosines: ImageOrientationPatient (row direction, then column direction; LPS).
+        pixel_spacing: PixelSpacing (between rows, between columns), mm.
+        first_position: ImagePositionPatient of the first slice along the normal (LPS, mm).
+        slice_step: distance between slices along the normal, mm.
+
+    """
+    row_direction, column_direction = cosines[:3], cosines[3:]
+    row_spacing, column_spacing = pixel_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = row_direction * column_spacing
+    lps[:3, 1] = column_direction * row_spacing
+    lps[:3, 2] = np.cross(row_direction, column_direction) * slice_step
+    lps[:3, 3] = first_position
+    return LPS_TO_RAS @ lps
+
+
 def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
     """Sort, check and stack slices into a RAS+ volume."""
     first = slices[0]
@@ -363,8 +387,7 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
             raise DataError(
                 f"{item.label}: pixel spacing {item.spacing} differs from {first.spacing} in the series"
             )
-    row_direction, column_direction = first.cosines[:3], first.cosines[3:]
-    normal = np.cross(row_direction, column_direction)
+    normal = np.cross(first.cosines[:3], first.cosines[3:])
     slices = sorted(slices, key=lambda item: float(normal @ item.position))
     distances = np.array([float(normal @ item.position) for item in slices])
     steps = np.diff(distances)
@@ -400,13 +423,7 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
         stack[:, :, index] = item.pixels.T
     if not np.isfinite(stack).all():
         raise DataError(f"series {series.key}: pixel values include NaN or infinity; the data is corrupt")
-    row_spacing, column_spacing = first.spacing
-    lps = np.eye(4)
-    lps[:3, 0] = row_direction * column_spacing  # x: along a row (column index)
-    lps[:3, 1] = column_direction * row_spacing  # y: down the columns (row index)
-    lps[:3, 2] = normal * slice_step
-    lps[:3, 3] = slices[0].position
-    ras = LPS_TO_RAS @ lps
+    ras = stored_grid_affine(first.cosines, first.spacing, slices[0].position, slice_step)
     array, affine = to_ras(stack, ras)
     meta = {"modality": series.modality, "series": series.key}
     return Volume(array[None], affine, kind="image", meta=meta)

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io.dicom import DicomSeries
-from medseg.io.geometry import LPS_TO_RAS, canonical, check_same_grid, resample_to_grid
+from medseg.io.dicom import DicomSeries, stored_grid_affine
+from medseg.io.geometry import canonical, check_same_grid, resample_to_grid
 from medseg.io.volume import Volume
 
 
@@ -168,15 +168,10 @@ def _source_grid(datasets: list[Any]) -> tuple[list[Any], tuple[int, int, int], 
     """
     first = datasets[0]
     cosines = np.asarray(first.ImageOrientationPatient, dtype=float)
-    row_direction, column_direction = cosines[:3], cosines[3:]
-    normal = np.cross(row_direction, column_direction)
+    normal = np.cross(cosines[:3], cosines[3:])
     ordered = sorted(datasets, key=lambda item: float(normal @ np.asarray(item.ImagePositionPatient, float)))
     positions = np.array([np.asarray(item.ImagePositionPatient, float) for item in ordered])
     step = float(np.median(np.diff(positions @ normal))) if len(ordered) > 1 else 1.0
-    row_spacing, column_spacing = (float(value) for value in first.PixelSpacing)
-    lps = np.eye(4)
-    lps[:3, 0] = row_direction * column_spacing
-    lps[:3, 1] = column_direction * row_spacing
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = positions[0]
-    return ordered, (int(first.Columns), int(first.Rows), len(ordered)), LPS_TO_RAS @ lps
+    spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+    affine = stored_grid_affine(cosines, spacing, positions[0], step)
+    return ordered, (int(first.Columns), int(first.Rows), len(ordered)), affine

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io.readers import IMAGE_SUFFIXES, image_suffix
+from medseg.io.readers import IMAGE_SUFFIXES, image_stem, image_suffix
 
 _CTC_FRAME = re.compile(r"^t(\d+)\.tiff?$", re.IGNORECASE)
 _CTC_SEG = re.compile(r"^man_seg(\d+)\.tiff?$", re.IGNORECASE)
@@ -107,12 +107,12 @@ def discover_paired(root: Path, images_dir: str, labels_dir: str) -> list[Source
                 f"paired layout: folder '{folder.name}' not found in the data input; "
                 f"expected '{images_dir}/' and '{labels_dir}/' (set ingest.images_dir/labels_dir)"
             )
-    labels = {_stem(p): p for p in label_root.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    labels = {image_stem(p): p for p in label_root.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
     cases = []
     for image in sorted(image_root.iterdir()):
         if image_suffix(image) not in IMAGE_SUFFIXES:
             continue
-        stem = _stem(image)
+        stem = image_stem(image)
         if stem not in labels:
             raise DataError(
                 f"paired layout: image '{image.name}' has no label named '{stem}.*' in "
@@ -120,10 +120,6 @@ def discover_paired(root: Path, images_dir: str, labels_dir: str) -> list[Source
             )
         cases.append(SourceCase(source_name=stem, image=image, label=labels[stem]))
     return cases
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(image_suffix(path))]
 
 
 def is_fully_annotated(label: np.ndarray, markers: np.ndarray | None) -> bool:
@@ -181,8 +177,8 @@ def pair_masks(predictions: Path, references: Path) -> list[tuple[str, Path, Pat
                 f"{', '.join(missing[:3])} missing in '{predictions.name}'; write one mask per frame"
             )
         return [(f"t{t:03d}", results[t], reference_frames[t]) for t in sorted(reference_frames)]
-    predicted = {_stem(p): p for p in predictions.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
-    expected = {_stem(p): p for p in references.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    predicted = {image_stem(p): p for p in predictions.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    expected = {image_stem(p): p for p in references.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
     if not expected:
         raise DataError(f"no label images in references folder '{references.name}'")
     for names, where in (
@@ -273,5 +269,5 @@ def discover_msd(root: Path) -> tuple[list[SourceCase], dict[int, str]]:
                     f"msd layout: the {role} of training case {number} listed in dataset.json is missing; "
                     "fix dataset.json or add the file"
                 )
-        cases.append(SourceCase(source_name=_stem(label), image=image, label=label))
+        cases.append(SourceCase(source_name=image_stem(label), image=image, label=label))
     return cases, labels

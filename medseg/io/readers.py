@@ -30,6 +30,12 @@ def image_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def image_stem(path: Path) -> str:
+    """A file's name without its image suffix (``ct.nii.gz`` → ``ct``); a folder's name as is."""
+    suffix = image_suffix(path)
+    return path.name[: -len(suffix)] if suffix and not path.is_dir() else path.name
+
+
 def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRules | None = None) -> Volume:
     """Read a TIFF, PNG, NIfTI or NRRD file, or a folder holding one DICOM series.
 

@@ -12,9 +12,9 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 from medseg.errors import DataError
+from medseg.inference.cohort import OutputFormat
 from medseg.io.dicom import SeriesRules
 from medseg.params import Params
 from medseg.runner.contract import StageContext, StageSpec
@@ -38,7 +38,7 @@ class PredictParams(Params):
 class WriteParams(Params):
     """Output format of the masks: ``nifti`` (instances), ``tiff`` (instances, 2D) or ``dicom-seg``."""
 
-    format: Literal["nifti", "dicom-seg", "tiff"] = "nifti"
+    format: OutputFormat = "nifti"
 
 
 def run_ingest_images(
