@@ -56,7 +56,46 @@ def write_results(folder: Path, frames: int) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def run(*, repetitions: int = 5, frames: int = 30) -> list[dict[str, object]]:
+def run_det(*, repetitions: int = 3) -> dict[str, object]:
+    """DET + SEG + OP_CSB of a whole sequence (every TRA frame of GOWT1 01): medseg vs py-ctcmetrics.
+
+    The result masks are the markers grown into cells with every kind of detection error
+    (``bench.ctc_perturb``); py-ctcmetrics runs its own sequence evaluation on one process.
+    """
+    from ctc_metrics.scripts.evaluate import evaluate_sequence
+
+    from bench.ctc_perturb import write_perturbed_sequence
+
+    times: dict[str, list[float]] = {"medseg": [], "ctc": []}
+    differences = []
+    with tempfile.TemporaryDirectory() as folder:
+        res = Path(folder) / "RES"
+        n_frames = write_perturbed_sequence(GT, res)
+        for _ in range(repetitions):
+            start = time.perf_counter()
+            summary, _cases = medseg.evaluate_masks(res, GT, surface=False)
+            times["medseg"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            expected = evaluate_sequence(str(res), str(GT), metrics=["DET", "SEG"], threads=1)
+            times["ctc"].append(time.perf_counter() - start)
+            differences += [
+                abs(summary.det - expected["DET"]),
+                abs(summary.seg - expected["SEG"]),
+                abs(summary.op_csb - expected["OP_CSB"]),
+            ]
+    median = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "benchmark": f"DET+SEG+OP_CSB of {n_frames} GOWT1 frames, read + compute; py-ctcmetrics on 1 process",
+        "medseg_s": round(median["medseg"], 4),
+        "baseline_s": round(median["ctc"], 4),
+        "speedup": round(median["ctc"] / median["medseg"], 1),
+        "seg": round(summary.seg, 6),
+        "max_abs_difference": f"{max(differences):.1e}",
+        "target": f"DET {summary.det:.4f}; speedup >= 10, difference < 1e-9",
+    }
+
+
+def run(*, repetitions: int = 5, frames: int = 30, det: bool = True) -> list[dict[str, object]]:
     """Rows: medseg vs py-ctcmetrics (one process, then all CPUs), speed ratio, SEG difference.
 
     Also splits medseg's time into loading the masks and computing SEG (target: computing
@@ -123,6 +162,8 @@ def run(*, repetitions: int = 5, frames: int = 30) -> list[dict[str, object]]:
             "target": "compute well under load",
         }
     )
+    if det:
+        rows.append(run_det(repetitions=max(1, repetitions // 2)))
     return rows
 
 

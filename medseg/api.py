@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -23,6 +24,12 @@ from medseg.stages import REGISTRY
 from medseg.tracking.base import NullTracker, Tracker
 from medseg.tracking.resilient import URI_FILE, ResilientTracker, replay_journal
 
+if TYPE_CHECKING:
+    from medseg.io.layouts import MaskPair
+
+T = TypeVar("T")
+_MaskItem = tuple[str, Volume | np.ndarray, Volume | np.ndarray | None, Volume | np.ndarray | None, str]
+"""(case name, prediction, reference or None, markers or None, where: for messages)."""
 DEFAULT_WORKSPACE = Path(".medseg")
 JOURNAL_DIR = "tracking-journal"
 
@@ -166,59 +173,93 @@ def evaluate_masks(
     predictions: str | Path | Sequence[Volume | np.ndarray],
     references: str | Path | Sequence[Volume | np.ndarray],
     *,
+    markers: Sequence[Volume | np.ndarray | None] | None = None,
     surface: bool = True,
 ) -> tuple[EvaluationSummary, list[CaseMetrics]]:
-    """CTC SEG, foreground IoU/Dice and HD95/ASSD of predicted vs reference instance labels.
+    """CTC SEG and DET, object F1/PQ, IoU/Dice and HD95/ASSD of predicted vs reference labels.
 
     Args:
         predictions: a folder (CTC RES ``mask<T>.tif``, or NIfTI/TIFF/PNG files) or one
             label image per case (arrays ``(*spatial)`` or label ``Volume``s).
         references: a folder (CTC ``*_GT`` or ``SEG`` with ``man_seg<T>.tif``, or files with
             the same names as the predictions) or label images in the same order.
+        markers: with sequences, CTC ``TRA`` marker images in the same order (None entries
+            for cases without); folders find them in the GT folder's ``TRA/``. With markers a
+            case is fully annotated only when every marker lies on a reference object
+            (pixel and object measures are taken on those only) and DET is computed.
         surface: also compute surface distances (mm, from the reference's spacing).
 
     Returns:
-        The dataset summary and the per-case metrics.
+        The dataset summary and the per-case metrics (CTC: also the frames that have markers
+        but no SEG mask, which count for DET only).
 
     Raises:
         DataError: counts, names or shapes differ, or a file is unreadable or not integer.
 
     """
     from medseg.errors import DataError
-    from medseg.io.layouts import pair_masks
+    from medseg.io.layouts import is_fully_annotated, pair_masks
     from medseg.io.readers import read_image
 
-    pairs: list[tuple[str, Volume | np.ndarray, Volume | np.ndarray, str]] = []
+    items: Iterable[_MaskItem]
     if isinstance(predictions, str | Path) and isinstance(references, str | Path):
         files = pair_masks(Path(predictions), Path(references))
 
-        def read_pair(entry: tuple[str, Path, Path]) -> tuple[str, Volume, Volume, str]:
-            name, pred_path, ref_path = entry
-            pair = (read_image(pred_path, kind="label"), read_image(ref_path, kind="label"))
-            return (name, *pair, f"{pred_path.name} vs {ref_path.name}")
+        def read_pair(pair: MaskPair) -> _MaskItem:
+            def read(path: Path | None) -> Volume | None:
+                return None if path is None else read_image(path, kind="label")
 
-        # Decoding (TIFF, gzip) releases the GIL: read pairs on a few threads, in order.
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            pairs = list(pool.map(read_pair, files))
+            against = pair.reference or pair.markers
+            names = f"{pair.prediction.name} vs {against.name}" if against else pair.prediction.name
+            return (
+                pair.name,
+                read_image(pair.prediction, kind="label"),
+                read(pair.reference),
+                read(pair.markers),
+                names,
+            )
+
+        items = _read_in_order(read_pair, files)
     elif isinstance(predictions, str | Path) or isinstance(references, str | Path):
         raise DataError("pass two folders or two sequences of label images, not one of each")
     else:
-        if len(predictions) != len(references):
+        marker_list = list(markers) if markers is not None else [None] * len(references)
+        if not len(predictions) == len(references) == len(marker_list):
             raise DataError(
-                f"{len(predictions)} predictions but {len(references)} references; pass one per case"
+                f"{len(predictions)} predictions, {len(references)} references and {len(marker_list)} "
+                "marker images; pass one per case"
             )
-        pairs = [
-            (f"case_{n + 1:04d}", p, r, f"case {n + 1}")
-            for n, (p, r) in enumerate(zip(predictions, references, strict=True))
+        items = [
+            (f"case_{n + 1:04d}", p, r, m, f"case {n + 1}")
+            for n, (p, r, m) in enumerate(zip(predictions, references, marker_list, strict=True))
         ]
     cases = []
-    for name, prediction, reference, where in pairs:
-        pred, ref = _labels(prediction), _labels(reference)
-        if pred.shape != ref.shape:
-            raise DataError(f"{where}: prediction shape {pred.shape} differs from reference {ref.shape}")
+    for name, prediction, reference, marker, where in items:
+        pred = _labels(prediction)
+        ref = _labels(reference) if reference is not None else None
+        mark = _labels(marker) if marker is not None else None
+        for other, role in ((ref, "reference"), (mark, "marker image")):
+            if other is not None and other.shape != pred.shape:
+                raise DataError(f"{where}: prediction shape {pred.shape} differs from {role} {other.shape}")
         spacing = reference.spacing if isinstance(reference, Volume) else None
-        cases.append(evaluate_case(name, ref, pred, spacing=spacing, surface=surface))
+        full = ref is not None and is_fully_annotated(ref, mark)
+        cases.append(
+            evaluate_case(
+                name, ref, pred, markers=mark, fully_annotated=full, spacing=spacing, surface=surface
+            )
+        )
     return summarize(cases), cases
+
+
+def _read_in_order(read: Callable[[MaskPair], T], pairs: Sequence[MaskPair], window: int = 8) -> Iterator[T]:
+    """``read`` each pair on a few threads (TIFF/gzip decoding releases the GIL), in order.
+
+    At most ``window`` pairs are in memory at once (a CTC sequence of 1024² frames would
+    otherwise hold every frame three times).
+    """
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(pairs), window):
+            yield from pool.map(read, pairs[start : start + window])
 
 
 def _labels(item: Volume | np.ndarray) -> np.ndarray:

@@ -70,10 +70,12 @@ def foreground_to_instances(foreground: np.ndarray, *, min_size: int, fill_holes
     if fill_holes:
         foreground = ndimage.binary_fill_holes(foreground)
     labels, count = ndimage.label(foreground)
-    return _drop_small(labels, count, min_size)
+    return drop_small(labels, count, min_size)
 
 
-def boundary_to_instances(classes: np.ndarray, *, min_size: int, fill_holes: bool = True) -> np.ndarray:
+def boundary_to_instances(
+    classes: np.ndarray, *, min_size: int, fill_holes: bool = True, seeds: np.ndarray | None = None
+) -> np.ndarray:
     """Instances from a background(0)/interior(1)/border(2) class map, splitting touching objects.
 
     Interior components are the seeds; every foreground pixel (interior or border) joins its
@@ -85,6 +87,8 @@ def boundary_to_instances(classes: np.ndarray, *, min_size: int, fill_holes: boo
         classes: class map ``(*spatial)`` with values 0, 1, 2.
         min_size: smallest object kept, in voxels.
         fill_holes: fill background enclosed by foreground first.
+        seeds: boolean seed mask of the same shape (e.g. interior probability over a
+            threshold); default the interior class. Only its foreground pixels count.
 
     Returns:
         int32 instance labels ``1..n`` of the same shape, 0 for background.
@@ -93,7 +97,7 @@ def boundary_to_instances(classes: np.ndarray, *, min_size: int, fill_holes: boo
     foreground = classes > 0
     if fill_holes:
         foreground = ndimage.binary_fill_holes(foreground)
-    seeds, count = ndimage.label(classes == 1)
+    seeds, count = ndimage.label(classes == 1 if seeds is None else seeds & foreground)
     if count:
         _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
         grown = seeds[tuple(nearest)]
@@ -103,16 +107,23 @@ def boundary_to_instances(classes: np.ndarray, *, min_size: int, fill_holes: boo
         seeds[components != components[tuple(nearest)]] = 0
     unseeded, extra = ndimage.label(foreground & (seeds == 0))
     labels = np.where(unseeded > 0, unseeded + count, seeds)
-    return _drop_small(labels, count + extra, min_size)
+    return drop_small(labels, count + extra, min_size)
 
 
-def _drop_small(labels: np.ndarray, count: int, min_size: int) -> np.ndarray:
-    """Relabel ``labels`` (values ``0..count``) to ``1..n``, dropping objects under ``min_size``."""
+def drop_small(labels: np.ndarray, count: int, min_size: int, *, keep_largest: bool = False) -> np.ndarray:
+    """Relabel ``labels`` (values ``0..count``) to ``1..n``, dropping objects under ``min_size``.
+
+    With ``keep_largest`` only the largest remaining object is kept (label 1).
+    """
     if count == 0:
         return labels.astype(np.int32)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = sizes >= max(min_size, 1)
     keep[0] = False
+    if keep_largest and keep.any():
+        largest = int(np.argmax(np.where(keep, sizes, -1)))
+        keep[:] = False
+        keep[largest] = True
     relabel = np.zeros(count + 1, dtype=np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return relabel[labels]
@@ -127,7 +138,7 @@ def segment_instances(
     sw_batch_size: int = 4,
     flip_tta: bool = False,
 ) -> np.ndarray:
-    """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)``, per ``settings.target``."""
+    """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)``, per ``settings``."""
     logits = predict_logits(
         net,
         image,
@@ -137,12 +148,53 @@ def segment_instances(
         sw_batch_size=sw_batch_size,
         flip_tta=flip_tta,
     )
-    classes = class_map(logits)
+    classes, seeds = classes_and_seeds(logits, settings)
     del logits  # the largest array: free it before post-processing
-    size, fill = settings.min_object_size, settings.fill_holes
+    return instances_from_classes(classes, settings, seeds=seeds)
+
+
+def classes_and_seeds(
+    logits: torch.Tensor, settings: InferenceSettings
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """What post-processing needs from logits ``(classes, *spatial)``.
+
+    Returns:
+        The uint8 class map ``(*spatial)`` and, for a ``boundary`` target with a
+        ``seed_threshold``, the boolean seed mask (interior probability ≥ threshold).
+
+    """
+    seeds = None
+    if settings.target == "boundary" and settings.seed_threshold is not None:
+        seeds = class_probability(logits, 1) >= settings.seed_threshold
+    return class_map(logits), seeds
+
+
+def instances_from_classes(
+    classes: np.ndarray, settings: InferenceSettings, *, seeds: np.ndarray | None = None
+) -> np.ndarray:
+    """Instances ``(*spatial)`` int32 from a class map (and a seed mask for ``boundary``)."""
     if settings.target == "boundary":
-        return boundary_to_instances(classes, min_size=size, fill_holes=fill)
-    return foreground_to_instances(classes > 0, min_size=size, fill_holes=fill)
+        labels = boundary_to_instances(classes, min_size=0, fill_holes=settings.fill_holes, seeds=seeds)
+    else:
+        labels = foreground_to_instances(classes > 0, min_size=0, fill_holes=settings.fill_holes)
+    return drop_small(
+        labels, int(labels.max(initial=0)), settings.min_object_size, keep_largest=settings.keep_largest
+    )
+
+
+def class_probability(logits: torch.Tensor, channel: int, *, voxels_per_slab: int = 1 << 22) -> np.ndarray:
+    """Softmax probability of ``channel`` ``(*spatial)`` float32 from logits ``(classes, *spatial)``.
+
+    Computed in slabs along the first spatial axis, like :func:`class_map`.
+    """
+    probability = np.empty(logits.shape[1:], np.float32)
+    per_row = max(1, int(np.prod(logits.shape[2:])))
+    step = max(1, voxels_per_slab // per_row)
+    for start in range(0, logits.shape[1], step):
+        probability[start : start + step] = (
+            logits[:, start : start + step].float().softmax(dim=0)[channel].numpy()
+        )
+    return probability
 
 
 def class_map(logits: torch.Tensor, *, voxels_per_slab: int = 1 << 22) -> np.ndarray:

@@ -30,7 +30,8 @@ SplitName = Literal["train", "val", "test"]
 class CaseRecord:
     """One case of a canonical dataset (paths relative to the dataset folder).
 
-    ``frame`` is the CTC time-point number, for writing results in the CTC layout.
+    ``frame`` is the CTC time-point number, for writing results in the CTC layout;
+    ``markers`` the CTC ``TRA`` marker image of the frame (one label per cell), for DET.
     """
 
     case_id: str
@@ -40,6 +41,7 @@ class CaseRecord:
     spacing: tuple[float, ...]
     fully_annotated: bool = True
     frame: int | None = None
+    markers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,8 @@ def read_index(folder: Path) -> DatasetIndex:
 def load_case(folder: Path, case: CaseRecord) -> tuple[Volume, Volume]:
     """Read a case's image ``(1, *spatial)`` float32 and label ``(1, *spatial)`` int32."""
     return read_image(folder / case.image), read_image(folder / case.label, kind="label")
+
+
+def load_markers(folder: Path, case: CaseRecord) -> Volume | None:
+    """Read a case's CTC marker labels ``(1, *spatial)``, or None when it has none."""
+    return read_image(folder / case.markers, kind="label") if case.markers else None

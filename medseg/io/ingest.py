@@ -172,7 +172,8 @@ def split_cases(
     }
 
 
-def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, bool]:
+def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, Volume | None]:
+    """Image, label and (CTC) marker volumes of one source case, checked and normalised."""
     image = read_image(case.image, series=params.series)
     if image_suffix(case.label) in DICOM_SEG_SUFFIXES:
         label = read_dicom_seg(case.label, highest_wins=params.segment_overlap == "highest")
@@ -207,11 +208,13 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
         normalized = normalize_intensity(image.array[0], params.normalize)
     except ValueError as exc:
         raise DataError(f"{case.image.name}: {exc}; fix or remove the image") from exc
-    markers = read_image(case.marker, kind="label").array[0] if case.marker is not None else None
-    if markers is not None and markers.shape != label.spatial_shape:
-        markers = None
-    full = is_fully_annotated(label.array[0], markers)
-    return Volume(normalized[None], image.affine), label, full
+    markers = read_image(case.marker, kind="label") if case.marker is not None else None
+    if markers is not None and markers.spatial_shape != label.spatial_shape:
+        raise DataError(
+            f"{case.marker.name}: marker shape {markers.spatial_shape} differs from the mask "
+            f"{case.label.name} shape {label.spatial_shape}; markers and masks must describe the same frame"
+        )
+    return Volume(normalized[None], image.affine), label, markers
 
 
 def ingest_dataset(
@@ -244,7 +247,7 @@ def ingest_dataset(
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"
         try:
-            image, label, full = _read_case(case, params)
+            image, label, markers = _read_case(case, params)
         except DataError as exc:
             raise DataError(
                 f"case {case_id}: {exc} (its source is in the workspace's private/ case map)"
@@ -260,6 +263,8 @@ def ingest_dataset(
         folder.mkdir(parents=True)
         write_image(image, folder / "image.nii.gz")
         write_image(label, folder / "label.nii.gz")
+        if markers is not None:
+            write_image(markers, folder / "markers.nii.gz")
         records.append(
             CaseRecord(
                 case_id=case_id,
@@ -267,8 +272,11 @@ def ingest_dataset(
                 label=f"cases/{case_id}/label.nii.gz",
                 shape=image.spatial_shape,
                 spacing=image.spacing,
-                fully_annotated=full,
+                fully_annotated=is_fully_annotated(
+                    label.array[0], markers.array[0] if markers is not None else None
+                ),
                 frame=case.frame,
+                markers=f"cases/{case_id}/markers.nii.gz" if markers is not None else None,
             )
         )
         progress("ingest", number, len(sources))
@@ -282,7 +290,7 @@ def ingest_dataset(
         spatial_dims=int(spatial_dims or 2),
         channels=1,
         labels={"0": "background", "1": "foreground"},
-        instance_labels=True,
+        instance_labels=params.labels == "instances",
         intensity=params.normalize.model_dump(),
         cases=tuple(records),
         splits=split_cases([r.case_id for r in records], trainable, params.split, seed),

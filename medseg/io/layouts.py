@@ -149,15 +149,32 @@ def ctc_mask_name(frame: int) -> str:
     return f"mask{frame:03d}.tif" if frame < 1000 else f"mask{frame:04d}.tif"
 
 
-def pair_masks(predictions: Path, references: Path) -> list[tuple[str, Path, Path]]:
+@dataclass(frozen=True)
+class MaskPair:
+    """A predicted label file and what it is scored against.
+
+    ``reference`` is None for a CTC frame that has ``TRA`` markers but no ``SEG`` mask (it
+    counts for DET only); ``markers`` is None without a ``TRA`` folder.
+    """
+
+    name: str
+    prediction: Path
+    reference: Path | None
+    markers: Path | None = None
+
+
+def pair_masks(predictions: Path, references: Path) -> list[MaskPair]:
     """Pair predicted and reference label files of two folders, by case name.
 
     CTC layout: ``references`` is a ``*_GT`` folder (or its ``SEG`` folder) with
-    ``man_seg<T>.tif``; ``predictions`` holds ``mask<T>.tif`` (the RES layout). Otherwise:
-    files of the same name stem in both folders (NIfTI, TIFF, PNG).
+    ``man_seg<T>.tif`` and, beside it, ``TRA/man_track<T>.tif`` markers; ``predictions``
+    holds ``mask<T>.tif`` (the RES layout). Every SEG frame needs a result; every result
+    frame needs its marker frame when ``TRA`` exists (DET is taken over the result frames
+    that have markers, as the challenge takes it over the whole sequence). Otherwise: files
+    of the same name stem in both folders (NIfTI, TIFF, PNG).
 
     Returns:
-        ``(case name, prediction path, reference path)`` sorted by case name.
+        One pair per case, sorted by case name (CTC: by frame).
 
     Raises:
         DataError: a folder is missing or empty, or a case lacks its counterpart.
@@ -176,7 +193,17 @@ def pair_masks(predictions: Path, references: Path) -> list[tuple[str, Path, Pat
                 f"CTC results: {len(missing)} reference frame(s) have no result mask, e.g. "
                 f"{', '.join(missing[:3])} missing in '{predictions.name}'; write one mask per frame"
             )
-        return [(f"t{t:03d}", results[t], reference_frames[t]) for t in sorted(reference_frames)]
+        tra_dir = seg_dir.parent / "TRA"
+        markers = _index_by_number(tra_dir, _CTC_TRA) if tra_dir.is_dir() else {}
+        unmarked = [ctc_mask_name(t) for t in sorted(results) if markers and t not in markers]
+        if unmarked:
+            raise DataError(
+                f"CTC results: {len(unmarked)} result mask(s) have no TRA marker frame, e.g. "
+                f"{', '.join(unmarked[:3])} (markers cover frames {_frame_range(markers)}); "
+                "results and markers must describe the same frames"
+            )
+        frames = sorted(set(reference_frames) | (set(results) & set(markers)))
+        return [MaskPair(f"t{t:03d}", results[t], reference_frames.get(t), markers.get(t)) for t in frames]
     predicted = {image_stem(p): p for p in predictions.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
     expected = {image_stem(p): p for p in references.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
     if not expected:
@@ -190,7 +217,11 @@ def pair_masks(predictions: Path, references: Path) -> list[tuple[str, Path, Pat
                 f"{len(names)} case(s) missing in '{where.name}', e.g. {', '.join(sorted(names)[:3])}; "
                 "both folders need the same file names"
             )
-    return [(name, predicted[name], expected[name]) for name in sorted(expected)]
+    return [MaskPair(name, predicted[name], expected[name]) for name in sorted(expected)]
+
+
+def _frame_range(frames: dict[int, Path]) -> str:
+    return f"t{min(frames):03d}–t{max(frames):03d} ({len(frames)} frames)"
 
 
 def discover_cases(root: Path, case_pattern: str, image_pattern: str, label_pattern: str) -> list[SourceCase]:

@@ -35,11 +35,76 @@ def write_summary(path: Path, summary: EvaluationSummary) -> None:
 
 
 def pick_review_cases(cases: Sequence[CaseMetrics]) -> dict[str, CaseMetrics]:
-    """The best, median and worst cases by SEG (cases without reference objects skipped)."""
+    """The best, median and worst cases by SEG, and the worst by DET where markers exist.
+
+    Cases without reference objects are skipped for SEG, cases without markers for DET.
+    """
     scored = sorted((c for c in cases if c.n_reference), key=lambda c: (c.seg, c.case_id))
-    if not scored:
-        return {}
-    return {"worst": scored[0], "median": scored[len(scored) // 2], "best": scored[-1]}
+    picked = {"worst": scored[0], "median": scored[len(scored) // 2], "best": scored[-1]} if scored else {}
+    detected = sorted(
+        (c for c in cases if c.detection is not None and c.has_reference), key=lambda c: (c.det, c.case_id)
+    )
+    if detected:
+        picked["worst_det"] = detected[0]
+    return picked
+
+
+def _svg_size_histogram(cases: Sequence[CaseMetrics]) -> str:
+    """Inline SVG: predicted vs reference object sizes (log₂ bins; reference from full cases).
+
+    Fragments show up as a predicted mass far left of the reference sizes.
+    """
+    predicted = [size for case in cases for size in case.predicted_sizes]
+    reference = [size for case in cases for size in case.reference_sizes]
+    if not predicted and not reference:
+        return "<p>no objects</p>"
+    top = int(np.ceil(np.log2(max(predicted + reference)))) + 1
+    edges = 2.0 ** np.arange(0, top + 1)
+    series = {
+        "predicted": (np.histogram(predicted, edges)[0], "#d62728"),
+        "reference (fully annotated cases)": (np.histogram(reference, edges)[0], "#2ca02c"),
+    }
+    width, height, pad = 640, 220, 30
+    highest = max(1, *(int(counts.max()) for counts, _ in series.values()))
+    bar = (width - 2 * pad) / (len(edges) - 1) / 2
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    parts.append(f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>')
+    for offset, (name, (counts, colour)) in enumerate(series.items()):
+        for index, count in enumerate(counts):
+            h = count / highest * (height - 2 * pad)
+            x = pad + (2 * index + offset) * bar
+            parts.append(
+                f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{bar:.1f}" '
+                f'height="{h:.1f}" fill="{colour}"/>'
+            )
+        parts.append(
+            f'<text x="{pad + offset * 260}" y="18" fill="{colour}" font-size="12">'
+            f"{html.escape(name)}: {int(counts.sum())} objects</text>"
+        )
+    for index in range(0, len(edges) - 1, 2):
+        parts.append(
+            f'<text x="{pad + 2 * index * bar:.1f}" y="{height - 10}" font-size="10">'
+            f"{int(edges[index])}</text>"
+        )
+    parts.append(
+        f'<text x="{width - 150}" y="{height - 10}" font-size="11">object size (voxels)</text></svg>'
+    )
+    return "".join(parts)
+
+
+def _objects_per_case(cases: Sequence[CaseMetrics]) -> str:
+    """HTML table: predicted objects per case beside reference objects (where fully annotated)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(case.case_id)}</td><td>{case.n_predicted}</td>"
+        f"<td>{case.n_reference if case.fully_annotated else '–'}</td>"
+        f"<td>{case.detection.markers if case.detection else '–'}</td></tr>"
+        for case in cases
+        if case.has_reference
+    )
+    return (
+        "<table><tr><th>case</th><th>predicted objects</th><th>reference objects (full cases)</th>"
+        f"<th>markers (cells)</th></tr>{rows}</table>"
+    )
 
 
 def outline(labels: np.ndarray) -> np.ndarray:
@@ -123,6 +188,7 @@ def write_html_report(
     cases: Sequence[CaseMetrics],
     history: Sequence[Mapping[str, float]],
     overlays: Mapping[str, Path],
+    postprocessing: Mapping[str, object] | None = None,
 ) -> None:
     """Write a self-contained one-page HTML report: headline metrics, curves, overlays, table."""
     headline = "".join(
@@ -137,6 +203,7 @@ def write_html_report(
     rows = [case.as_row() for case in cases]
     header = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0]) if rows else ""
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+    chosen = html.escape(", ".join(f"{k}: {v}" for k, v in (postprocessing or {}).items()) or "as trained")
     curves = _svg_curves(history, ["train/loss", "val/dice", "val/seg"]) if history else "<p>no history</p>"
     path.write_text(
         f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -145,10 +212,16 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}
 figure{{display:inline-block;margin:4px}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>SEG: Cell Tracking Challenge measure (reference object matched when |R∩S| &gt; 0.5|R|, Jaccard,
-0 if unmatched, mean over all reference objects). IoU/Dice: foreground overlap, mean over cases
-where defined. HD95/ASSD in mm. Overlays: reference outlines green, prediction magenta.</p>
+0 if unmatched, mean over all reference objects). DET: the challenge's detection measure,
+1 − AOGM-D/AOGM-D₀ against the TRA markers (5 per split, 10 per missed cell, 1 per spurious
+object); OP_CSB = (SEG + DET)/2. Precision, recall, F1, PQ: one-to-one object matching at
+IoU ≥ 0.5 on fully annotated cases. IoU/Dice: foreground overlap, mean over fully annotated
+cases. HD95/ASSD in mm. Overlays: reference outlines green, prediction magenta.</p>
 <h2>Summary</h2><table>{headline}</table>
+<h2>Post-processing</h2><p>{chosen}</p>
+<h2>Objects</h2>{_svg_size_histogram(cases)}
+<details><summary>objects per case</summary>{_objects_per_case(cases)}</details>
 <h2>Training curves</h2>{curves}
-<h2>Best, median and worst cases</h2>{images}
+<h2>Best, median and worst cases (by SEG), worst by DET</h2>{images}
 <h2>Per case</h2><table><tr>{header}</tr>{body}</table></body></html>"""
     )

@@ -54,6 +54,10 @@ class StageContext:
         """Log metrics to this stage's run."""
         self.tracker.log_metrics(self.run_id, metrics, step=step)
 
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Log params this stage decided (e.g. chosen values) to its run."""
+        self.tracker.log_params(self.run_id, params)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or directory to this stage's run."""
         self.tracker.log_artifact(self.run_id, path, artifact_path)

@@ -1,13 +1,14 @@
 """Stage adapters from the stage contract to the library functions, in an explicit registry."""
 
 from medseg.runner.contract import StageSpec
-from medseg.stages import evaluate, export, ingest, pacs, predict, train
+from medseg.stages import evaluate, export, ingest, pacs, postprocess, predict, train
 
 REGISTRY: dict[str, StageSpec] = {
     stage.name: stage
     for stage in (
         ingest.STAGE,
         train.STAGE,
+        postprocess.STAGE,
         evaluate.STAGE,
         export.STAGE,
         predict.INGEST_IMAGES,

@@ -37,7 +37,7 @@ def run(
     from medseg.inference.model import load_model
     from medseg.inference.predict import segment_instances
     from medseg.inference.settings import InferenceSettings
-    from medseg.io.dataset import load_case, read_index
+    from medseg.io.dataset import load_case, load_markers, read_index
     from medseg.io.layouts import ctc_mask_name
     from medseg.io.readers import read_image, write_image
     from medseg.io.volume import Volume
@@ -66,6 +66,7 @@ def run(
     results, prediction_files = [], {}
     for number, record in enumerate(records, start=1):
         image, label = load_case(folder, record)
+        markers = load_markers(folder, record)
         instances = segment_instances(
             net, image.array, settings, device=device, sw_batch_size=params.sw_batch_size
         )
@@ -74,6 +75,7 @@ def run(
                 record.case_id,
                 label.array[0],
                 instances,
+                markers=markers.array[0] if markers is not None else None,
                 fully_annotated=record.fully_annotated,
                 spacing=image.spacing,
                 surface=params.surface_distances,
@@ -101,12 +103,16 @@ def run(
                 planes = [np.rot90(plane[:, :, axial]) for plane in planes]  # RAS+: anterior up
                 where = f", slice {axial}"
             overlays[rank] = report / "overlays" / f"{rank}_{case.case_id}.png"
-            write_overlay(overlays[rank], *planes, f"{case.case_id} ({rank}{where}) SEG {case.seg:.3f}")
+            title = f"{case.case_id} ({rank}{where}) SEG {case.seg:.3f}"
+            if case.detection is not None:
+                title += f" DET {case.det:.3f}, {case.n_predicted} objects"
+            write_overlay(overlays[rank], *planes, title)
     history_path = inputs["model"] / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     write_html_report(
         report / "report.html",
         title=f"Evaluation on the {params.split} split",
+        postprocessing=card.get("postprocessing", {}),
         summary=summary,
         cases=results,
         history=history,
@@ -121,10 +127,10 @@ def run(
 
 STAGE = StageSpec(
     name="evaluate",
-    version=3,
+    version=4,
     params=EvaluateParams,
     inputs=("dataset", "model"),
     outputs=("report",),
     run=run,
-    description="score predictions on a split: CTC SEG, per-class IoU/Dice, HD95/ASSD; report",
+    description="score predictions on a split: CTC SEG and DET, object F1/PQ, IoU/Dice, HD95/ASSD; report",
 )

@@ -39,7 +39,7 @@ def run(
 
 STAGE = StageSpec(
     name="ingest",
-    version=4,
+    version=5,
     params=IngestParams,
     inputs=("source",),
     outputs=("dataset",),

@@ -28,14 +28,14 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e")
 
     first = medseg.run_workflow(workflow, workspace=workspace)
-    assert first.executed == ["ingest", "train", "evaluate", "export"]
+    assert first.executed == ["ingest", "train", "postprocess", "evaluate", "export"]
     for key in ("eval/seg", "eval/iou", "eval/dice"):
         assert 0.0 <= first.metrics[key] <= 1.0
     assert first.metrics["eval/n_cases"] == 2.0
 
     second = medseg.run_workflow(workflow, workspace=workspace)
     assert second.executed == [] and second.cached == first.executed
-    assert calls == {"ingest": 1, "train": 1, "evaluate": 1, "export": 1}
+    assert calls == {"ingest": 1, "train": 1, "postprocess": 1, "evaluate": 1, "export": 1}
     assert second.metrics == first.metrics
 
     changed = write_workflow(
@@ -46,8 +46,8 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
         experiment="e2e",
     )
     third = medseg.run_workflow(changed, workspace=workspace)
-    assert third.executed == ["train", "evaluate", "export"] and third.cached == ["ingest"]
-    assert calls == {"ingest": 1, "train": 2, "evaluate": 2, "export": 2}
+    assert third.executed == ["train", "postprocess", "evaluate", "export"] and third.cached == ["ingest"]
+    assert calls == {"ingest": 1, "train": 2, "postprocess": 2, "evaluate": 2, "export": 2}
 
     client = MlflowClient(first.tracking_uri)
     assert first.tracking_uri == f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
@@ -64,12 +64,21 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     assert {a.path for a in client.list_artifacts(first.parent_run_id)} >= {"environment.json"}
 
     children = child_runs(client, experiment.experiment_id, first.parent_run_id)
-    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    assert set(children) == {"ingest", "train", "postprocess", "evaluate", "export"}
     assert all(run.data.tags["medseg.cache_hit"] == "false" for run in children.values())
     loss = client.get_metric_history(children["train"].info.run_id, "train/loss")
     assert [m.step for m in loss] == [1, 2]
     assert {"val/dice", "val/seg", "train/lr"} <= set(children["train"].data.metrics)
     assert {"eval/seg", "eval/iou", "eval/dice"} <= set(children["evaluate"].data.metrics)
+    # The phantom has TRA markers: DET and OP_CSB are reported beside SEG, with object F1/PQ.
+    scored = children["evaluate"].data.metrics
+    assert {"eval/det", "eval/op_csb", "eval/f1", "eval/pq", "eval/det_splits"} <= set(scored)
+    assert scored["eval/op_csb"] == pytest.approx((scored["eval/det"] + scored["eval/seg"]) / 2)
+    chosen = children["postprocess"].data.params
+    assert chosen["postprocess.measure"] == "op_csb"
+    assert int(chosen["postprocess.chosen.min_object_size"]) >= 0
+    table = {a.path for a in client.list_artifacts(children["postprocess"].info.run_id, "postprocessing")}
+    assert table == {"postprocessing/postprocessing_candidates.csv"}
     report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report")}
     assert {"report/per_case.csv", "report/summary.json", "report/report.html", "report/overlays"} <= report
     overlays = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report/overlays")}
@@ -109,6 +118,23 @@ def test_exported_model_segments_in_source_geometry(study):
     assert labels.array.dtype == np.int32 and labels.array.min() >= 0
     with pytest.raises(medseg.DataError, match="does not fit the model"):
         segmenter.predict(np.zeros((1, 8, 8, 8), np.float32))
+
+
+def test_segmenter_applies_the_chosen_postprocessing_like_the_evaluate_stage(study):
+    import json
+
+    result, data = run_phantom(study)
+    card = json.loads((result.outputs["export"]["export"] / "model_card.json").read_text())
+    chosen = json.loads((result.outputs["postprocess"]["model"] / "model.json").read_text())
+    assert card["inference"] == chosen["inference"] and card["postprocessing"]["measure"] == "op_csb"
+    assert card["postprocessing"]["chosen_by"].startswith("validation (val split")
+    segmenter = medseg.Segmenter.from_export(result.outputs["export"]["export"])
+    predictions = sorted((result.outputs["evaluate"]["report"] / "predictions").glob("mask*.tif"))
+    assert predictions
+    for path in predictions:
+        frame = path.stem.removeprefix("mask")
+        labels = segmenter.predict(medseg.read_image(data / "01" / f"t{frame}.tif"))
+        np.testing.assert_array_equal(labels.array[0], medseg.read_image(path, kind="label").array[0])
 
 
 def test_onnx_export_matches_pytorch_at_any_size(study):

@@ -40,7 +40,7 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["medseg.pipeline"] == "unet2d"
     assert {"eval/seg", "eval/iou", "eval/dice"} <= set(parent.data.metrics)
     children = child_runs(client, experiment.experiment_id, result.parent_run_id)
-    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    assert set(children) == {"ingest", "train", "postprocess", "evaluate", "export"}
     for stage, run in children.items():
         assert run.info.status == "FINISHED"
         assert run.data.tags["medseg.stage_type"] == stage

@@ -50,7 +50,7 @@ def test_workflow_tracking_uri_and_environment_redirect_to_server(tmp_path, serv
     experiment = client.get_experiment_by_name("served")
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     children = child_runs(client, experiment.experiment_id, result.parent_run_id)
-    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    assert set(children) == {"ingest", "train", "postprocess", "evaluate", "export"}
     report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report")}
     assert "report/summary.json" in report
     assert any((root / "artifacts").rglob("summary.json"))  # artifacts stored by the server

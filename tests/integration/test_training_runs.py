@@ -155,7 +155,7 @@ def test_torchrun_workflow_tracks_once_from_rank0(workflow, tmp_path):
     parents = [run for run in parents if "mlflow.parentRunId" not in run.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = child_runs(client, experiment.experiment_id, parents[0].info.run_id)
-    assert set(children) == {"ingest", "train", "evaluate", "export"}
+    assert set(children) == {"ingest", "train", "postprocess", "evaluate", "export"}
     train_run = children["train"]
     assert train_run.data.metrics["train/world_size"] == 2
     steps = client.get_metric_history(train_run.info.run_id, "train/steps")

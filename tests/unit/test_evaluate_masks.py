@@ -61,7 +61,7 @@ def test_folder_errors_name_the_files(tmp_path):
 
 
 def test_sequences_must_pair_up():
-    with pytest.raises(medseg.DataError, match="1 predictions but 2 references"):
+    with pytest.raises(medseg.DataError, match="1 predictions, 2 references and 2 marker images"):
         medseg.evaluate_masks([np.zeros((2, 2))], [np.zeros((2, 2))] * 2)
     summary, _ = medseg.evaluate_masks([np.ones((2, 2), int)], [np.ones((2, 2), int)], surface=False)
     assert summary.seg == 1.0

@@ -1,0 +1,216 @@
+"""Post-processing chosen on validation data, nnU-Net style: try the candidates, keep the best.
+
+The net runs once per validation case; every candidate post-processing is then applied to the
+stored class maps (and interior probabilities) and scored with the task's measure:
+
+- ``op_csb`` — (SEG + DET) / 2, when the cases have CTC ``TRA`` markers;
+- ``f1`` — object F1 at IoU ≥ 0.5, for instance labels;
+- ``dice`` — foreground Dice, for semantic labels (one organ / lesion class).
+
+Candidates: minimum object size as fractions of the training objects' median size (and 0),
+hole filling on/off, the seed threshold of the boundary target (interior probability, or the
+argmax), and keep-largest-component for semantic labels. The current settings are tried
+first and kept unless a candidate scores higher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from medseg.inference.predict import drop_small, instances_from_classes
+from medseg.inference.settings import InferenceSettings
+from medseg.metrics.evaluate import EvaluationSummary, evaluate_case, summarize
+
+Measure = Literal["op_csb", "f1", "dice"]
+SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+"""Candidate minimum object sizes, as fractions of the median training object size."""
+SEED_THRESHOLDS = (0.35, 0.5, 0.65, 0.8)
+"""Candidate interior-probability thresholds for boundary-target seeds (besides the argmax)."""
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """The net's output on one validation case and its ground truth.
+
+    Attributes:
+        case_id: pseudonymous case id.
+        classes: uint8 class map ``(*spatial)`` (argmax of the logits).
+        interior: float32 interior probability ``(*spatial)`` (boundary target), else None.
+        reference: int instance labels ``(*spatial)``.
+        markers: CTC ``TRA`` marker labels ``(*spatial)`` or None.
+        fully_annotated: whether every object is outlined in ``reference``.
+
+    """
+
+    case_id: str
+    classes: np.ndarray
+    interior: np.ndarray | None
+    reference: np.ndarray
+    markers: np.ndarray | None
+    fully_annotated: bool
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """One candidate's post-processing values and its validation measures."""
+
+    min_object_size: int
+    fill_holes: bool
+    seed_threshold: float | None
+    keep_largest: bool
+    score: float
+    seg: float
+    det: float
+    f1: float
+    dice: float
+    objects_per_case: float
+
+    def as_row(self) -> dict[str, object]:
+        """The candidate as a row of the candidates table."""
+        row = dict(self.__dict__)
+        row["seed_threshold"] = "argmax" if self.seed_threshold is None else self.seed_threshold
+        return row
+
+
+@dataclass(frozen=True)
+class PostprocessingChoice:
+    """The chosen settings, the measure, and every candidate's score (the first is the baseline)."""
+
+    settings: InferenceSettings
+    measure: Measure
+    chosen: CandidateScore
+    candidates: tuple[CandidateScore, ...]
+
+    @property
+    def baseline(self) -> CandidateScore:
+        """The settings the model was trained with, scored the same way."""
+        return self.candidates[0]
+
+
+def selection_measure(cases: Sequence[ValidationCase], *, instance_labels: bool) -> Measure:
+    """The task's measure: OP_CSB with markers, object F1 for instances, else Dice."""
+    if any(case.markers is not None for case in cases):
+        return "op_csb"
+    return "f1" if instance_labels else "dice"
+
+
+def candidate_sizes(object_sizes: np.ndarray, current: int) -> list[int]:
+    """Minimum object sizes to try (voxels): the current one, 0, and fractions of the median size."""
+    median = float(np.median(object_sizes)) if object_sizes.size else 0.0
+    sizes = [current, 0, *(round(fraction * median) for fraction in SIZE_FRACTIONS)]
+    return list(dict.fromkeys(sizes))
+
+
+def choose_postprocessing(
+    cases: Sequence[ValidationCase],
+    current: InferenceSettings,
+    *,
+    object_sizes: np.ndarray,
+    instance_labels: bool,
+) -> PostprocessingChoice:
+    """Score every candidate post-processing on ``cases`` and return the best.
+
+    Args:
+        cases: validation cases (the net already run on them).
+        current: the settings the model was trained with (their post-processing is the
+            baseline, kept on ties).
+        object_sizes: sizes in voxels of the training split's objects.
+        instance_labels: whether labels are instances (else one semantic class).
+
+    """
+    measure = selection_measure(cases, instance_labels=instance_labels)
+    thresholds: list[float | None] = [current.seed_threshold]
+    if current.target == "boundary":
+        thresholds += [None, *SEED_THRESHOLDS]
+    sizes = candidate_sizes(object_sizes, current.min_object_size)
+    keeps = list(dict.fromkeys([current.keep_largest] + ([] if instance_labels else [False, True])))
+    scores: list[CandidateScore] = []
+    for fill in dict.fromkeys([current.fill_holes, True, False]):
+        for threshold in dict.fromkeys(thresholds):
+            unfiltered = [_instances(case, current, fill, threshold) for case in cases]
+            for keep in keeps:
+                for size in sizes:
+                    predictions = [
+                        drop_small(labels, int(labels.max(initial=0)), size, keep_largest=keep)
+                        for labels in unfiltered
+                    ]
+                    summary = _score(cases, predictions)
+                    scores.append(_candidate(size, fill, threshold, keep, summary, measure))
+    best = scores[0]
+    for candidate in scores[1:]:
+        if candidate.score > best.score + 1e-9 or (
+            math.isnan(best.score) and not math.isnan(candidate.score)
+        ):
+            best = candidate
+    settings = current.with_postprocessing(
+        min_object_size=best.min_object_size,
+        fill_holes=best.fill_holes,
+        seed_threshold=best.seed_threshold,
+        keep_largest=best.keep_largest,
+    )
+    return PostprocessingChoice(settings, measure, best, tuple(scores))
+
+
+def _instances(
+    case: ValidationCase, current: InferenceSettings, fill: bool, threshold: float | None
+) -> np.ndarray:
+    settings = current.with_postprocessing(
+        min_object_size=0, fill_holes=fill, seed_threshold=threshold, keep_largest=False
+    )
+    seeds = None if threshold is None or case.interior is None else case.interior >= threshold
+    return instances_from_classes(case.classes, settings, seeds=seeds)
+
+
+def _score(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray]) -> EvaluationSummary:
+    return summarize(
+        [
+            evaluate_case(
+                case.case_id,
+                case.reference,
+                prediction,
+                markers=case.markers,
+                fully_annotated=case.fully_annotated,
+            )
+            for case, prediction in zip(cases, predictions, strict=True)
+        ]
+    )
+
+
+def _candidate(
+    size: int,
+    fill: bool,
+    threshold: float | None,
+    keep: bool,
+    summary: EvaluationSummary,
+    measure: Measure,
+) -> CandidateScore:
+    values = {"op_csb": summary.op_csb, "f1": summary.f1, "dice": summary.dice}
+    return CandidateScore(
+        min_object_size=size,
+        fill_holes=fill,
+        seed_threshold=threshold,
+        keep_largest=keep,
+        score=values[measure],
+        seg=summary.seg,
+        det=summary.det,
+        f1=summary.f1,
+        dice=summary.dice,
+        objects_per_case=summary.objects_per_case,
+    )
+
+
+def training_object_sizes(labels: Sequence[np.ndarray], *, instance_labels: bool) -> np.ndarray:
+    """Sizes in voxels of the objects of training label maps (instances, or components)."""
+    from scipy import ndimage
+
+    sizes = []
+    for label in labels:
+        objects = label if instance_labels else ndimage.label(label > 0)[0]
+        counts = np.bincount(objects.ravel().astype(np.int64, copy=False))[1:]
+        sizes.append(counts[counts > 0])
+    return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)

@@ -1,0 +1,147 @@
+"""Postprocess stage: trained model + dataset → the same model with post-processing chosen on validation.
+
+The network is not changed: the weights are linked (or copied) and the card's ``inference``
+section gets the chosen values, with a ``postprocessing`` section saying how they were chosen.
+The evaluate stage, the export (and so ``Segmenter``, ``medseg predict`` and the MLflow model)
+read them from the card, so every consumer applies the same post-processing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from medseg.params import Params
+from medseg.runner.contract import StageContext, StageSpec
+
+
+class PostprocessParams(Params):
+    """Whether and on which split post-processing is chosen.
+
+    ``search: false`` keeps the train stage's values (``train.min_object_size``,
+    ``train.fill_holes``) and records that they were set by hand.
+    """
+
+    search: bool = True
+    split: Literal["val", "train"] = "val"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sw_batch_size: int = Field(4, ge=1)
+
+
+def run(
+    context: StageContext, params: PostprocessParams, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+) -> dict[str, float]:
+    """Choose post-processing on the split; write the model with its updated card."""
+    from medseg.inference.model import CARD_FILE, load_model
+    from medseg.inference.predict import class_map, class_probability, predict_logits
+    from medseg.inference.settings import InferenceSettings
+    from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
+    from medseg.io.dataset import load_case, load_markers, read_index
+    from medseg.io.layouts import is_fully_annotated
+    from medseg.training.loop import resolve_device
+
+    folder, model_in, model_out = inputs["dataset"], inputs["model"], outputs["model"]
+    index = read_index(folder)
+    records = index.split(params.split)
+    device = resolve_device(params.device)
+    net, card = load_model(model_in, device)
+    current = InferenceSettings.from_card(card)
+    for path in model_in.iterdir():
+        if path.is_file() and path.name != CARD_FILE:
+            _link_or_copy(path, model_out / path.name)
+    if not params.search or not records:
+        reason = (
+            "search disabled (postprocess.search)" if not params.search else f"empty {params.split} split"
+        )
+        card["postprocessing"] = {"chosen_by": f"train params ({reason})"}
+        (model_out / CARD_FILE).write_text(json.dumps(card, indent=2))
+        return {}
+    cases = []
+    for number, record in enumerate(records, start=1):
+        image, label = load_case(folder, record)
+        markers = load_markers(folder, record)
+        logits = predict_logits(
+            net,
+            image.array,
+            roi_size=current.roi_size,
+            overlap=current.overlap,
+            device=device,
+            sw_batch_size=params.sw_batch_size,
+        )
+        marker_array = markers.array[0] if markers is not None else None
+        cases.append(
+            ValidationCase(
+                case_id=record.case_id,
+                classes=class_map(logits),
+                interior=class_probability(logits, 1) if current.target == "boundary" else None,
+                reference=label.array[0],
+                markers=marker_array,
+                fully_annotated=is_fully_annotated(label.array[0], marker_array),
+            )
+        )
+        context.progress("postprocess: predict", number, len(records))
+    sizes = training_object_sizes(
+        [load_case(folder, record)[1].array[0] for record in index.split("train")],
+        instance_labels=index.instance_labels,
+    )
+    choice = choose_postprocessing(cases, current, object_sizes=sizes, instance_labels=index.instance_labels)
+    card["inference"] = choice.settings.as_card()
+    card["postprocessing"] = {
+        "chosen_by": f"validation ({params.split} split, {len(cases)} cases)",
+        "measure": choice.measure,
+        "score": choice.chosen.score,
+        "baseline_score": choice.baseline.score,
+        "candidates": len(choice.candidates),
+        "median_training_object_size": float(np.median(sizes)) if sizes.size else None,
+    }
+    (model_out / CARD_FILE).write_text(json.dumps(card, indent=2))
+    table = model_out / "postprocessing_candidates.csv"
+    with table.open("w", newline="") as handle:
+        rows = [candidate.as_row() for candidate in choice.candidates]
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    context.log_artifact(table, "postprocessing")
+    context.log_params(
+        {
+            "postprocess.chosen.min_object_size": choice.chosen.min_object_size,
+            "postprocess.chosen.fill_holes": choice.chosen.fill_holes,
+            "postprocess.chosen.seed_threshold": choice.chosen.seed_threshold or "argmax",
+            "postprocess.chosen.keep_largest": choice.chosen.keep_largest,
+            "postprocess.measure": choice.measure,
+        }
+    )
+    return {
+        f"postprocess/val_{choice.measure}": choice.chosen.score,
+        f"postprocess/baseline_val_{choice.measure}": choice.baseline.score,
+        "postprocess/val_objects_per_case": choice.chosen.objects_per_case,
+        "postprocess/baseline_val_objects_per_case": choice.baseline.objects_per_case,
+        "postprocess/candidates": float(len(choice.candidates)),
+    }
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (same filesystem: no copy of the weights), else copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+STAGE = StageSpec(
+    name="postprocess",
+    version=1,
+    params=PostprocessParams,
+    inputs=("dataset", "model"),
+    outputs=("model",),
+    run=run,
+    description="choose post-processing on validation: object size, holes, seed threshold, largest object",
+)
