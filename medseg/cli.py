@@ -69,6 +69,8 @@ def _errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if exc.local_detail:
+            console.print(f"  here (never logged): {exc.local_detail}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -145,7 +147,19 @@ def _print_result(result: Any) -> None:
     table = Table(title=f"{result.workflow}: metrics", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    shown = ("eval/seg", "eval/iou", "eval/dice", "eval/n_cases", "eval/n_reference")
+    shown = (
+        "eval/seg",
+        "eval/det",
+        "eval/op_csb",
+        "eval/f1",
+        "eval/pq",
+        "eval/iou",
+        "eval/dice",
+        "eval/objects_per_case",
+        "eval/reference_objects_per_case",
+        "eval/n_cases",
+        "eval/n_reference",
+    )
     for key in (*shown, *sorted(key for key in result.metrics if key.startswith("predict/"))):
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")
@@ -251,7 +265,7 @@ def evaluate(
         bool, typer.Option("--surface/--no-surface", help="Compute HD95 and ASSD (mm).")
     ] = True,
 ) -> None:
-    """Score predicted against reference masks: CTC SEG, IoU/Dice, surface distances."""
+    """Score predicted against reference masks: CTC SEG and DET, object F1/PQ, IoU/Dice, surface distances."""
     from medseg.api import evaluate_masks
     from medseg.metrics.report import write_case_table, write_summary
 
@@ -264,6 +278,14 @@ def evaluate(
     for key, value in summary.as_metrics("eval").items():
         table.add_row(key, f"{value:.4f}")
     Console().print(table)
+    if summary.n_det_cases:
+        console.print(
+            f"DET over the {summary.n_det_cases} frame(s) with markers; SEG over {summary.n_cases} "
+            f"frame(s) with a reference; {summary.n_overlap_undefined} sparsely annotated frame(s) "
+            "left out of IoU/Dice and object F1"
+        )
+    else:
+        console.print("DET not computed: it needs TRA markers (a CTC *_GT folder with TRA/man_track*.tif)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_case_table(out / "per_case.csv", cases)

@@ -183,23 +183,23 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
         image, label = canonical(image), canonical(label)
         if params.label_grid == "resample" or label.meta.get("modality") == "SEG":  # SEG: place on the grid
             label = resample_to_grid(label, image.spatial_shape, image.affine, order=0)
-        check_same_grid(image, label, name=case.label.name)
+        check_same_grid(image, label, name="label")
         if params.spacing is not None:
             image = resample_to_spacing(image, params.spacing, order=1)
             label = resample_to_spacing(label, params.spacing, order=0)
     elif image.spatial_shape != label.spatial_shape:
         raise DataError(
-            f"{case.label.name}: mask shape {label.spatial_shape} differs from image "
-            f"{case.image.name} shape {image.spatial_shape}; masks must match their image"
+            f"label: mask shape {label.spatial_shape} differs from the image's "
+            f"shape {image.spatial_shape}; masks must match their image"
         )
     values = np.unique(label.array)
     if values[0] < 0:
-        raise DataError(f"{case.label.name}: negative label values; labels must be >= 0")
+        raise DataError("label: negative label values; labels must be >= 0")
     if params.label_values is not None:
         unknown = sorted(set(values.tolist()) - set(params.label_values) - {0})
         if unknown:
             raise DataError(
-                f"{case.label.name}: label values {unknown[:10]} are not among the declared "
+                f"label: values {unknown[:10]} are not among the declared "
                 f"ingest.label_values {list(params.label_values)}; fix the label or declare them"
             )
     if params.labels == "binary":
@@ -207,12 +207,12 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
     try:
         normalized = normalize_intensity(image.array[0], params.normalize)
     except ValueError as exc:
-        raise DataError(f"{case.image.name}: {exc}; fix or remove the image") from exc
+        raise DataError(f"image: {exc}; fix or remove the image") from exc
     markers = read_image(case.marker, kind="label") if case.marker is not None else None
     if markers is not None and markers.spatial_shape != label.spatial_shape:
         raise DataError(
-            f"{case.marker.name}: marker shape {markers.spatial_shape} differs from the mask "
-            f"{case.label.name} shape {label.spatial_shape}; markers and masks must describe the same frame"
+            f"markers: shape {markers.spatial_shape} differs from the mask's shape "
+            f"{label.spatial_shape}; markers and masks must describe the same frame"
         )
     return Volume(normalized[None], image.affine), label, markers
 
@@ -250,13 +250,14 @@ def ingest_dataset(
             image, label, markers = _read_case(case, params)
         except DataError as exc:
             raise DataError(
-                f"case {case_id}: {exc} (its source is in the workspace's private/ case map)"
+                f"case {case_id}: {exc} (its source is in the workspace's private/ case map)",
+                local_detail=f"{case_id} is '{case.source_name}' in the data input",
             ) from exc
         if spatial_dims is None:
             spatial_dims = image.spatial_dims
         elif image.spatial_dims != spatial_dims:
             raise DataError(
-                f"{case.image.name}: {image.spatial_dims}D image in a {spatial_dims}D dataset; "
+                f"case {case_id}: {image.spatial_dims}D image in a {spatial_dims}D dataset; "
                 "ingest 2D and 3D data separately"
             )
         folder = out_dir / "cases" / case_id

@@ -108,15 +108,15 @@ def discover_paired(root: Path, images_dir: str, labels_dir: str) -> list[Source
                 f"expected '{images_dir}/' and '{labels_dir}/' (set ingest.images_dir/labels_dir)"
             )
     labels = {image_stem(p): p for p in label_root.iterdir() if image_suffix(p) in IMAGE_SUFFIXES}
+    images = [path for path in sorted(image_root.iterdir()) if image_suffix(path) in IMAGE_SUFFIXES]
     cases = []
-    for image in sorted(image_root.iterdir()):
-        if image_suffix(image) not in IMAGE_SUFFIXES:
-            continue
+    for number, image in enumerate(images, start=1):
         stem = image_stem(image)
         if stem not in labels:
             raise DataError(
-                f"paired layout: image '{image.name}' has no label named '{stem}.*' in "
-                f"'{labels_dir}/'; add the label or remove the image"
+                f"paired layout: the image of case_{number:04d} (the {number}. image in name order) "
+                f"has no label of the same name in '{labels_dir}/'; add the label or remove the image",
+                local_detail=f"case_{number:04d} is '{image.name}' in '{images_dir}/'",
             )
         cases.append(SourceCase(source_name=stem, image=image, label=labels[stem]))
     return cases

@@ -27,11 +27,19 @@ def write_case_table(path: Path, cases: Sequence[CaseMetrics]) -> None:
 
 
 def write_summary(path: Path, summary: EvaluationSummary) -> None:
-    """Write the summary as JSON (NaN written as ``null``)."""
-    document = {
-        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(summary).items()
-    }
-    path.write_text(json.dumps(document, indent=2))
+    """Write the summary as JSON: its fields and the headline metrics (NaN written as ``null``)."""
+    document = {**asdict(summary), "metrics": summary.as_metrics("eval")}
+    path.write_text(json.dumps(_null_nan(document), indent=2))
+
+
+def _null_nan(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _null_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_null_nan(item) for item in value]
+    return value
 
 
 def pick_review_cases(cases: Sequence[CaseMetrics]) -> dict[str, CaseMetrics]:

@@ -1,8 +1,8 @@
 """Content-addressed stage cache: digests, cache keys and atomic commits.
 
-Layout of ``<workspace>/cache``::
+Layout of ``<workspace>/cache`` (the memo of file digests, keyed by source path, size and
+mtime_ns, is ``<workspace>/private/digests.sqlite``: source paths stay private)::
 
-    digests.sqlite            memo of file digests keyed by (path, size, mtime_ns)
     tmp/<key>.<random>/       outputs being written by a running stage
     <key>/manifest.json       written last: its presence marks the commit
     <key>/<output>/...        one directory per named output, with ``_artifact.json``

@@ -37,6 +37,8 @@ class StageContext:
         scratch_dir: workspace folder of this execution (its cache key) that survives a failed
             or killed run and is deleted on commit: checkpoints to resume from.
         progress: progress callback.
+        on_private: told every private map this stage keeps, so that the tracking boundary
+            redacts those source names (``runner``'s redactor).
 
     """
 
@@ -49,6 +51,7 @@ class StageContext:
     private_dir: Path
     scratch_dir: Path
     progress: ProgressCallback = field(default=_no_progress)
+    on_private: Callable[[Mapping[str, str]], None] | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics to this stage's run."""
@@ -66,6 +69,8 @@ class StageContext:
         """Write the map ``case id → source`` to ``<private_dir>/<key>.json`` (never logged)."""
         self.private_dir.mkdir(parents=True, exist_ok=True)
         (self.private_dir / f"{self.key}.json").write_text(json.dumps(dict(source_map), indent=2))
+        if self.on_private is not None:
+            self.on_private(source_map)
 
     def log_model(self, model_dir: Path, **kwargs: Any) -> ModelInfo:
         """Log an exported model folder to this stage's run (see ``Tracker.log_model``)."""

@@ -20,6 +20,7 @@ from medseg.runner.contract import ProgressCallback, StageContext
 from medseg.runner.distributed import Collective
 from medseg.runner.spec import ResolvedStage, ResolvedWorkflow
 from medseg.tracking.base import NullTracker, Tracker, flatten_params
+from medseg.tracking.redact import RedactingTracker, Redactor
 
 StageState = Literal["cached", "will run", "blocked"]
 
@@ -39,6 +40,11 @@ class Workspace:
     def private_dir(self) -> Path:
         """Data that must never be logged (maps from case ids to sources)."""
         return self.root / "private"
+
+    @property
+    def digest_memo(self) -> Path:
+        """The memo of file digests: it holds source paths, so it lives in ``private/``."""
+        return self.private_dir / "digests.sqlite"
 
     @property
     def scratch_dir(self) -> Path:
@@ -155,7 +161,7 @@ class Runner:
 
     def plan(self, workflow: ResolvedWorkflow) -> list[PlannedStage]:
         """Which stages are cached and which will run, without running anything."""
-        memo = DigestMemo(self.workspace.cache_dir / "digests.sqlite")
+        memo = DigestMemo(self.workspace.digest_memo)
         produced: dict[str, StageOutcome | PlannedStage] = {}
         try:
             for stage in workflow.stages:
@@ -186,6 +192,10 @@ class Runner:
         if self.collective.rank > 0:
             return self._follow(workflow, progress)
         notify = on_event or (lambda stage, message: None)
+        redactor = Redactor()
+        for name, path in workflow.input_paths.items():
+            redactor.add_input(name, path)
+        tracker = RedactingTracker(tracker, redactor)
         parent = tracker.start_run(
             experiment=workflow.experiment,
             name=workflow.name,
@@ -197,7 +207,7 @@ class Runner:
             },
         )
         outcome = RunOutcome(workflow=workflow.name, parent_run_id=parent)
-        memo = DigestMemo(self.workspace.cache_dir / "digests.sqlite")
+        memo = DigestMemo(self.workspace.digest_memo)
         try:
             self._log_parent(workflow, tracker, parent)
             produced: dict[str, StageOutcome | PlannedStage] = {}
@@ -312,6 +322,7 @@ class Runner:
             run_id=run_id,
             private_dir=self.workspace.private_dir,
             scratch_dir=self.workspace.scratch_dir / key,
+            on_private=tracker.redactor.add_sources if isinstance(tracker, RedactingTracker) else None,
             **({"progress": progress} if progress else {}),
         )
 
@@ -344,6 +355,9 @@ class Runner:
             "medseg.cache_key": key,
         }
         manifest = self.cache.manifest(key) if stage.spec.pure else None
+        private_map = self.workspace.private_dir / f"{key}.json"
+        if isinstance(tracker, RedactingTracker) and private_map.is_file():
+            tracker.redactor.add_sources(json.loads(private_map.read_text()))
         if manifest is not None:
             run_id = tracker.start_run(
                 experiment=workflow.experiment,

@@ -46,7 +46,7 @@ CASES = [
         _break_zero_bytes,
         r"^case case_0003: t002\.tif: file is empty \(0 bytes\); replace it with a valid image \(",
     ),
-    (_break_shape, r"^case case_0005: man_seg004\.tif: mask shape \(16, 32\) differs from image t004\.tif"),
+    (_break_shape, r"^case case_0005: label: mask shape \(16, 32\) differs from the image's shape"),
     (_break_empty, r"^no annotated case found in the data input"),
 ]
 
@@ -89,7 +89,8 @@ def test_cli_prints_one_line_and_exits_1(tmp_path, pristine):
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "man_seg004.tif: mask shape" in errors[0]
+    assert len(errors) == 1 and "case case_0005: label: mask shape" in errors[0]
+    assert "here (never logged): case_0005 is '01/t004' in the data input" in result.stderr
     assert "Traceback" not in result.stderr
     debug = subprocess.run(
         [sys.executable, "-m", "medseg.cli", "--debug", *command[3:]],

@@ -26,7 +26,7 @@ def medseg(*args, cwd, env=None):
 def test_demo_then_status_rerun_and_gc(tmp_path):
     demo = medseg("demo", "--dir", "demo", cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
-    assert "stages executed: ingest, train, evaluate, export" in demo.stderr
+    assert "stages executed: ingest, train, postprocess, evaluate, export" in demo.stderr
     assert re.search(r"eval/seg\s+│\s+0\.\d{4}", demo.stdout)
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/demo/.medseg/mlflow.db" in demo.stderr
 

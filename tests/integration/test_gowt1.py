@@ -52,13 +52,20 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     predictions = result.outputs["evaluate"]["report"] / "predictions"
     frames = sorted(path.name for path in predictions.glob("mask*.tif"))
     assert len(frames) == 27 and "mask021.tif" not in frames  # t021 is a training frame
-    gt = tmp_path / "gt" / "SEG"
-    gt.mkdir(parents=True)
+    gt = tmp_path / "gt"
+    (gt / "SEG").mkdir(parents=True)
+    (gt / "TRA").mkdir()
     for name in frames:
-        seg_name = name.replace("mask", "man_seg")
-        (gt / seg_name).symlink_to(data / "01_GT" / "SEG" / seg_name)
-    standalone, _ = medseg.evaluate_masks(predictions, gt.parent, surface=False)
+        for kind, prefix in (("SEG", "man_seg"), ("TRA", "man_track")):
+            (gt / kind / name.replace("mask", prefix)).symlink_to(
+                data / "01_GT" / kind / name.replace("mask", prefix)
+            )
+    standalone, _ = medseg.evaluate_masks(predictions, gt, surface=False)
     assert standalone.seg == pytest.approx(result.metrics["eval/seg"], abs=1e-12)
+    # DET against the TRA markers of the same frames, valid on the sparse frames too.
+    assert result.metrics["eval/n_det_cases"] == 27.0
+    assert standalone.det == pytest.approx(result.metrics["eval/det"], abs=1e-12)
+    assert standalone.op_csb == pytest.approx(result.metrics["eval/op_csb"], abs=1e-12)
     html = (result.outputs["evaluate"]["report"] / "report.html").read_text()
     assert "Training curves" in html and "<svg" in html and "data:image/png;base64" in html
 

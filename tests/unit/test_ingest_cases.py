@@ -74,7 +74,7 @@ def test_label_on_another_grid_is_refused_or_resampled(tmp_path):
     with pytest.raises(DataError) as raised:
         ingest(tmp_path / "src", tmp_path / "refused")
     message = str(raised.value)
-    assert message.startswith("case case_0001: label.nii.gz: the label does not lie on the image grid")
+    assert message.startswith("case case_0001: label: the label does not lie on the image grid")
     assert "shape (122, 101, 30) vs image (512, 512, 20)" in message and "MRN" not in message
     assert "spacing (3.000, 3.000, 3.000) mm vs image (0.977, 0.977, 2.000) mm" in message
     assert not any((tmp_path / "refused").iterdir())  # nothing half-written
@@ -110,7 +110,7 @@ def synthetic_cases(root: Path, values=(1, 2), count=3) -> Path:
 
 def test_label_values_are_checked_and_classes_can_be_merged(tmp_path):
     source = synthetic_cases(tmp_path / "src", values=(1, 7))
-    with pytest.raises(DataError, match=r"case case_0001: label.nii.gz: label values \[7\] are not among"):
+    with pytest.raises(DataError, match=r"case case_0001: label: values \[7\] are not among"):
         ingest(source, tmp_path / "a", label_values=[1, 2])
     index, _ = ingest(source, tmp_path / "b", labels="binary", label_values=[1, 7])
     _, label = load_case(tmp_path / "b", index.cases[0])
@@ -232,7 +232,7 @@ def test_msd_and_nnunet_layouts_with_declared_labels(tmp_path, flavour):
         }
     (root / "dataset.json").write_text(json.dumps(document))
     with pytest.raises(
-        DataError, match=r"label values \[2\] are not among the declared ingest.label_values \[0, 1\]"
+        DataError, match=r"label: values \[2\] are not among the declared ingest.label_values \[0, 1\]"
     ):
         ingest(root, tmp_path / "strict", layout="msd")
     index, source_map = ingest(root, tmp_path / "out", layout="msd", label_values=[1, 2])

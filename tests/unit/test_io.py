@@ -84,8 +84,9 @@ def test_paired_layout_requires_a_label_per_image(tmp_path):
     for name in ("a", "b"):
         (tmp_path / "images" / f"{name}.png").write_bytes(b"")
     (tmp_path / "labels" / "a.png").write_bytes(b"")
-    with pytest.raises(DataError, match=r"image 'b\.png' has no label named 'b\.\*'"):
+    with pytest.raises(DataError, match=r"the image of case_0002 .* has no label of the same name") as error:
         discover_paired(tmp_path, "images", "labels")
+    assert "b.png" not in str(error.value) and error.value.local_detail == "case_0002 is 'b.png' in 'images/'"
 
 
 def test_percentile_normalisation_known_answer():

@@ -21,7 +21,13 @@ def test_valid_workflow_resolves_params_with_overrides(tmp_path, phantom_dir):
     train = next(stage for stage in resolved.stages if stage.name == "train")
     assert train.params.optim.lr == 0.01
     assert train.params.optim.name == "adamw"  # pipeline default kept by the deep merge
-    assert [stage.name for stage in resolved.stages] == ["ingest", "train", "evaluate", "export"]
+    assert [stage.name for stage in resolved.stages] == [
+        "ingest",
+        "train",
+        "postprocess",
+        "evaluate",
+        "export",
+    ]
     assert resolved.input_paths["data"] == phantom_dir.resolve()
     assert str(phantom_dir) not in str(resolved.resolved_document())  # no source paths logged
 

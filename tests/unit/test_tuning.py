@@ -1,0 +1,86 @@
+"""Post-processing chosen on validation data: the candidate that maximises the task's measure wins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.inference.predict import instances_from_classes
+from medseg.inference.settings import InferenceSettings
+from medseg.inference.tuning import (
+    ValidationCase,
+    candidate_sizes,
+    choose_postprocessing,
+    selection_measure,
+    training_object_sizes,
+)
+
+
+def _cells_with_fragments() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference (4 cells of 100 px), markers, and a class map with the cells plus 12 fragments."""
+    reference = np.zeros((64, 64), np.int32)
+    for number, (y, x) in enumerate([(5, 5), (5, 40), (40, 5), (40, 40)], start=1):
+        reference[y : y + 10, x : x + 10] = number
+    markers = np.zeros_like(reference)
+    for number in range(1, 5):
+        ys, xs = np.nonzero(reference == number)
+        markers[ys.mean().astype(int), xs.mean().astype(int)] = number
+    classes = (reference > 0).astype(np.uint8)
+    for index in range(12):  # 2x2 fragments between the cells
+        y, x = 20 + 3 * (index // 4), 20 + 4 * (index % 4)
+        classes[y : y + 2, x : x + 2] = 1
+    return reference, markers, classes
+
+
+SETTINGS = InferenceSettings(roi_size=(64, 64), overlap=0.25, min_object_size=0, fill_holes=False)
+
+
+def test_fragments_are_removed_by_the_size_chosen_from_the_training_objects():
+    reference, markers, classes = _cells_with_fragments()
+    case = ValidationCase("case_0001", classes, None, reference, markers, fully_annotated=True)
+    sizes = training_object_sizes([reference], instance_labels=True)
+    assert sizes.tolist() == [100, 100, 100, 100]
+    assert candidate_sizes(sizes, 0) == [0, 2, 5, 10, 20, 30, 50]
+    choice = choose_postprocessing([case], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.measure == "op_csb"
+    # Baseline (no size filter): 4 cells + 12 false positives → DET = 1 − 12/40.
+    assert choice.baseline.det == pytest.approx(0.7) and choice.baseline.objects_per_case == 16
+    assert choice.chosen.det == 1.0 and choice.chosen.seg == 1.0 and choice.chosen.objects_per_case == 4
+    assert choice.settings.min_object_size == 5  # the smallest size that drops the 4-px fragments
+    labels = instances_from_classes(classes, choice.settings)
+    assert labels.max() == 4
+
+
+def test_current_settings_win_ties_and_keep_largest_is_tried_for_semantic_labels():
+    reference = np.zeros((32, 32), np.int32)
+    reference[4:20, 4:20] = 1
+    classes = (reference > 0).astype(np.uint8)
+    classes[22:32, 17:32] = 1  # a spurious blob of 150 px: larger than any candidate size filter
+    case = ValidationCase("case_0001", classes, None, reference, None, fully_annotated=True)
+    assert selection_measure([case], instance_labels=False) == "dice"
+    assert selection_measure([case], instance_labels=True) == "f1"
+    choice = choose_postprocessing([case], SETTINGS, object_sizes=np.array([256]), instance_labels=False)
+    assert choice.chosen.dice == 1.0 and choice.baseline.dice < 1.0
+    assert max(candidate_sizes(np.array([256]), 0)) == 128  # no size filter removes the blob
+    assert choice.settings.keep_largest and choice.settings.min_object_size == 0
+    perfect = choose_postprocessing(
+        [ValidationCase("c", (reference > 0).astype(np.uint8), None, reference, None, True)],
+        SETTINGS,
+        object_sizes=np.array([256]),
+        instance_labels=False,
+    )
+    assert perfect.settings == SETTINGS  # nothing beats the baseline: it is kept
+
+
+def test_seed_threshold_splits_touching_cells_of_a_boundary_map():
+    reference = np.zeros((20, 40), np.int32)
+    reference[5:15, 5:20] = 1
+    reference[5:15, 20:35] = 2
+    classes = (reference > 0).astype(np.uint8)  # the argmax saw no border between the cells
+    interior = np.where(reference > 0, 0.6, 0.0).astype(np.float32)
+    interior[:, 18:22] = 0.4  # but the interior probability dips along the contact
+    case = ValidationCase("c", classes, interior, reference, None, True)
+    boundary = InferenceSettings((20, 40), 0.25, 0, False, target="boundary")
+    choice = choose_postprocessing([case], boundary, object_sizes=np.array([150, 150]), instance_labels=True)
+    assert choice.baseline.f1 == pytest.approx(2 / 3) and choice.chosen.f1 == 1.0  # merged: IoU 0.5 with one
+    assert choice.settings.seed_threshold == 0.5
