@@ -23,6 +23,7 @@ from medseg.runner.spec import ResolvedWorkflow, load_workflow
 from medseg.stages import REGISTRY
 from medseg.tracking.base import NullTracker, Tracker
 from medseg.tracking.resilient import URI_FILE, ResilientTracker, replay_journal
+from medseg.transport import refuse_clear_text_credentials
 
 if TYPE_CHECKING:
     from medseg.io.layouts import MaskPair
@@ -85,6 +86,8 @@ def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[Resili
 
     journal = workspace.root / JOURNAL_DIR / uuid.uuid4().hex
     if tracking_uri:
+        if any(os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN")):
+            refuse_clear_text_credentials(tracking_uri, "MLflow tracking", os.environ)
         inner = MlflowTracker(tracking_uri)
     else:
         workspace.root.mkdir(parents=True, exist_ok=True)
@@ -148,8 +151,12 @@ def run_workflow(
         tracker = NullTracker()
     elif tracker is None:
         tracker, uri = make_tracker(uri, space)
+    from medseg.tracking.mlflow import redact_uri
+
     try:
-        outcome = Runner(space, collective).run(resolved, tracker, on_event=on_event, progress=progress)
+        outcome = Runner(space, collective).run(
+            resolved, tracker, on_event=on_event, progress=progress, store=redact_uri(uri or "")
+        )
     except BaseException:
         if isinstance(tracker, ResilientTracker):
             with contextlib.suppress(TrackingError):  # best effort; the original error matters

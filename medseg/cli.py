@@ -244,7 +244,7 @@ def demo(
     db = (workspace / "mlflow.db").resolve()
     console.print(
         "\nBrowse the runs in the MLflow UI:\n"
-        f"  mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"
+        f"  MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"
         "then open http://127.0.0.1:5000 and the experiment 'medseg-demo'.",
         soft_wrap=True,
     )

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from medseg.errors import DataError
 from medseg.io.dicom import series_key
 from medseg.params import Params, identifying_field
+from medseg.transport import refuse_clear_text_credentials
 
 _SERIES_UID = "0020000E"
 _STUDY_UID = "0020000D"
@@ -154,6 +155,7 @@ def _client(endpoint: DicomwebEndpoint, environ: Mapping[str, str] | None) -> An
     session = requests.Session()
     credentials = credentials_for(endpoint.url, environ)
     if credentials is not None:
+        refuse_clear_text_credentials(endpoint.url, "DICOMweb", os.environ if environ is None else environ)
         session.auth = credentials
     return DICOMwebClient(endpoint.url, session=session, timeout=endpoint.timeout_s)
 

@@ -18,6 +18,7 @@ from medseg.errors import MedsegError, StageError
 from medseg.runner.cache import DigestMemo, Manifest, StageCache, cache_key, library_versions
 from medseg.runner.contract import ProgressCallback, StageContext
 from medseg.runner.distributed import Collective
+from medseg.runner.lifecycle import Lease, open_lease, reclaim
 from medseg.runner.spec import ResolvedStage, ResolvedWorkflow
 from medseg.tracking.base import NullTracker, Tracker, flatten_params
 from medseg.tracking.redact import RedactingTracker, Redactor
@@ -40,6 +41,11 @@ class Workspace:
     def private_dir(self) -> Path:
         """Data that must never be logged (maps from case ids to sources)."""
         return self.root / "private"
+
+    @property
+    def leases_dir(self) -> Path:
+        """Leases of live workflow runs (see ``runner.lifecycle``)."""
+        return self.root / "leases"
 
     @property
     def digest_memo(self) -> Path:
@@ -183,11 +189,14 @@ class Runner:
         *,
         on_event: StageEvent | None = None,
         progress: ProgressCallback | None = None,
+        store: str = "",
     ) -> RunOutcome:
         """Run every stage in order, reusing committed cache entries.
 
         A failing stage removes its partial outputs, marks its run and the parent run
         FAILED and raises; stages committed before it stay cached, so a rerun resumes there.
+        Runs left open by a killed process of this workspace and tracking ``store`` are closed
+        as KILLED, and a stage that resumes from its checkpoint keeps logging into its run.
         """
         if self.collective.rank > 0:
             return self._follow(workflow, progress)
@@ -208,6 +217,8 @@ class Runner:
         )
         outcome = RunOutcome(workflow=workflow.name, parent_run_id=parent)
         memo = DigestMemo(self.workspace.digest_memo)
+        resumable = reclaim(self.workspace.leases_dir, tracker, parent, store)
+        lease = open_lease(self.workspace.leases_dir, parent, store)
         try:
             self._log_parent(workflow, tracker, parent)
             produced: dict[str, StageOutcome | PlannedStage] = {}
@@ -217,7 +228,7 @@ class Runner:
                     raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
                 try:
                     result = self._run_stage(
-                        workflow, stage, resolved, memo, tracker, parent, notify, progress
+                        workflow, stage, resolved, memo, tracker, parent, notify, progress, lease, resumable
                     )
                 except BaseException:
                     if not stage.spec.distributed:  # the other ranks wait for word from rank 0
@@ -237,10 +248,12 @@ class Runner:
         except BaseException as exc:
             tracker.set_tags(parent, {"medseg.error": _one_line(exc)})
             tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            lease.close()
             raise
         finally:
             memo.close()
         tracker.end_run(parent, "FINISHED")
+        lease.close()
         return outcome
 
     def _follow(self, workflow: ResolvedWorkflow, progress: ProgressCallback | None) -> RunOutcome:
@@ -345,6 +358,8 @@ class Runner:
         parent: str,
         notify: StageEvent,
         progress: ProgressCallback | None,
+        lease: Lease,
+        resumable: dict[str, str],
     ) -> StageOutcome:
         digests, inputs = resolved
         key = self._key(stage, workflow.seed, digests)
@@ -383,15 +398,20 @@ class Runner:
                 self._outputs(key, stage),
             )
 
-        run_id = tracker.start_run(
-            experiment=workflow.experiment,
-            name=stage.name,
-            parent_run_id=parent,
-            tags={**tags, "medseg.cache_hit": "false"},
-        )
+        scratch = self.workspace.scratch_dir / key
+        if key in resumable and scratch.is_dir():  # a killed run's checkpoint: continue its run
+            run_id = resumable.pop(key)
+            tracker.resume_run(run_id, parent_run_id=parent)
+        else:
+            run_id = tracker.start_run(
+                experiment=workflow.experiment,
+                name=stage.name,
+                parent_run_id=parent,
+                tags={**tags, "medseg.cache_hit": "false"},
+            )
+        lease.add_stage(key, run_id)
         notify(stage.name, "running")
         started = time.perf_counter()
-        scratch = self.workspace.scratch_dir / key
         try:
             tracker.log_params(run_id, flatten_params(stage.params.loggable()))
             scratch.mkdir(parents=True, exist_ok=True)
@@ -427,6 +447,7 @@ class Runner:
         seconds = time.perf_counter() - started
         tracker.log_metrics(run_id, {**manifest.metrics, f"{stage.name}/seconds": seconds})
         tracker.end_run(run_id, "FINISHED")
+        lease.end_stage(key)
         notify(stage.name, f"done in {seconds:.1f} s")
         return StageOutcome(
             stage.name,

@@ -78,6 +78,10 @@ class Tracker(Protocol):
         """
         ...
 
+    def resume_run(self, run_id: str, *, parent_run_id: str) -> None:
+        """Reopen a run (of a killed process) under ``parent_run_id`` to keep logging into it."""
+        ...
+
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
         """Close a run with its final status."""
         ...
@@ -127,6 +131,9 @@ class NullTracker:
         """Return the local folder as the model's URI."""
         del run_id, input_example, output_example, registered_name, aliases, pip_requirements
         return ModelInfo(uri=model_dir.as_uri())
+
+    def resume_run(self, run_id: str, *, parent_run_id: str) -> None:
+        """Record nothing."""
 
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
         """Record nothing."""

@@ -20,6 +20,8 @@ import numpy as np
 from medseg.errors import TrackingError
 from medseg.tracking.base import ModelInfo, RunStatus
 
+# MLflow 3 sends usage telemetry by default; a hospital's tracking never leaves the hospital.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _PYFUNC_SOURCE = Path(__file__).with_name("mlflow_pyfunc.py")
@@ -193,6 +195,12 @@ class MlflowTracker:
             registered_name=registered_name,
             registered_version=str(version) if version is not None else None,
         )
+
+    @_wrap_errors
+    def resume_run(self, run_id: str, *, parent_run_id: str) -> None:
+        """Mark a run RUNNING again and move it under ``parent_run_id``."""
+        self._client.update_run(run_id, status="RUNNING")
+        self._client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
 
     @_wrap_errors
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:

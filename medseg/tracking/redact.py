@@ -45,6 +45,7 @@ _KEEP = frozenset(
 )  # fmt: skip
 _STRUCTURED = re.compile(r"^(t\d+|man_seg\d+|man_track\d+|mask\d+|case_\d+|\d{1,3}(_GT)?)$", re.IGNORECASE)
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.\\-])(?:[A-Za-z]:[\\/]|/)[^\s'\"<>|,;()\[\]{}]*")
+_FILE_SUFFIX = re.compile(r"(\.(nii|gz|tiff?|png|nrrd|nhdr|dcm|json|csv|txt|mha|mhd))+$", re.IGNORECASE)
 _TEXT_SUFFIXES = frozenset({".json", ".csv", ".html", ".txt", ".yaml", ".yml", ".md", ".py", ".log"})
 _MIN_NAME = 4
 
@@ -95,7 +96,9 @@ class Redactor:
 
     @staticmethod
     def _is_structure(name: str) -> bool:
-        return name.lower() in _KEEP or bool(_STRUCTURED.match(name)) or len(name) < _MIN_NAME
+        """Layout and frame names (with any suffix: ``t003.tif``, ``image.nii.gz``) and short names."""
+        base = _FILE_SUFFIX.sub("", name)
+        return base.lower() in _KEEP or bool(_STRUCTURED.match(base)) or len(name) < _MIN_NAME
 
     def _add_name(self, name: str, replacement: str) -> None:
         for stem in _stems(name):
@@ -242,6 +245,10 @@ class RedactingTracker:
                 aliases=aliases,
                 pip_requirements=pip_requirements,
             )
+
+    def resume_run(self, run_id: str, *, parent_run_id: str) -> None:
+        """Reopen the run under ``parent_run_id``."""
+        self.inner.resume_run(run_id, parent_run_id=parent_run_id)
 
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
         """Close the run."""

@@ -114,6 +114,10 @@ class ResilientTracker:
             pip_requirements=pip_requirements,
         )
 
+    def resume_run(self, run_id: str, *, parent_run_id: str) -> None:
+        """Reopen a run under ``parent_run_id`` (journalled if the server is away)."""
+        self._call("resume_run", run_id, parent_run_id=parent_run_id)
+
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
         """Close a run (journalled if the server is away)."""
         self._call("end_run", run_id, status=status)

@@ -80,10 +80,13 @@ def run_cli(
     )
 
 
-def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(
+    root: Path, port: int, *, app_name: str | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` on loopback (SQLite store and served artifacts under ``root``).
 
-    The server keeps its store across restarts on the same ``root`` and ``port``.
+    The server keeps its store across restarts on the same ``root`` and ``port``. ``app_name``
+    (``basic-auth``) and ``env`` (its settings) start it with authentication.
 
     Returns the process and its URL once ``/health`` answers (fails the test after 90 s).
     """
@@ -95,10 +98,12 @@ def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
+            *(["--app-name", app_name] if app_name else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

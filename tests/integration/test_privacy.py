@@ -64,7 +64,7 @@ def test_phi_never_reaches_the_mlflow_store(tmp_path):
     workspace = tmp_path / "ws"
     completed = run_cli("run", str(workflow), "--workspace", str(workspace))
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "stages executed: ingest, train, evaluate, export" in completed.stderr
+    assert "stages executed: ingest, train, postprocess, evaluate, export" in completed.stderr
 
     secrets = [*PHI.values(), "Doe", "20240102", "19610704", str(data), "hospital", PHI["PatientID"]]
     store = [

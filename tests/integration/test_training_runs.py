@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -34,7 +35,12 @@ TRAIN = {
 
 
 def cached_weights(workspace: Path, name: str) -> dict[str, torch.Tensor]:
-    files = list((workspace / "cache").glob(f"*/model/{name}"))
+    """The train stage's weights file ``name`` (the postprocess stage's model links the same file)."""
+    files = [
+        path
+        for path in (workspace / "cache").glob(f"*/model/{name}")
+        if json.loads((path.parent.parent / "manifest.json").read_text())["stage"] == "train"
+    ]
     assert len(files) == 1, files
     return torch.load(files[0], weights_only=True)
 
@@ -80,18 +86,38 @@ def test_sigkill_mid_training_then_rerun_resumes_to_identical_weights(workflow, 
 
     resumed = run_cli("run", str(workflow), "--workspace", str(killed))
     assert resumed.returncode == 0, resumed.stderr
-    assert "stages executed: train, evaluate, export" in resumed.stderr  # ingest was committed before
+    assert (
+        "stages executed: train, postprocess, evaluate, export" in resumed.stderr
+    )  # ingest committed before
     for name in ("weights.pt", "last_weights.pt"):
         assert same_weights(cached_weights(tmp_path / "uninterrupted", name), cached_weights(killed, name))
     assert not list((killed / "scratch").iterdir())  # checkpoints removed on commit
     assert not list((killed / "cache" / "tmp").iterdir())  # the killed run's temp output is gone
 
     client = MlflowClient(f"sqlite:///{killed / 'mlflow.db'}")
-    train_runs = client.search_runs(
-        [client.get_experiment_by_name("runs").experiment_id], "tags.medseg.stage = 'train'"
-    )
-    finished = [run for run in train_runs if run.info.status == "FINISHED"]
-    assert len(finished) == 1 and finished[0].data.metrics["train/resumed_from_epoch"] == done
+    experiment = client.get_experiment_by_name("runs").experiment_id
+    runs = client.search_runs([experiment])
+    assert not [run for run in runs if run.info.status == "RUNNING"]  # nothing left open
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    (dead,) = [run for run in parents if run.info.status == "KILLED"]
+    (alive,) = [run for run in parents if run.info.status == "FINISHED"]
+    assert dead.data.tags["medseg.resumed_by"] == alive.info.run_id  # the killed run points to its resumer
+    # One train run, continued in place under the resuming parent: a continuous loss curve.
+    (train,) = [run for run in runs if run.data.tags.get("medseg.stage") == "train"]
+    assert train.info.status == "FINISHED" and train.data.tags["mlflow.parentRunId"] == alive.info.run_id
+    assert train.data.tags["medseg.resumed_by"] == alive.info.run_id
+    assert train.data.metrics["train/resumed_from_epoch"] == done
+    steps = [metric.step for metric in client.get_metric_history(train.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, TRAIN["epochs"] + 1))
+    # The killed process's ingest run had finished; it stays under the killed parent.
+    (ingest,) = [
+        run
+        for run in runs
+        if run.data.tags.get("medseg.stage") == "ingest"
+        and run.info.status == "FINISHED"
+        and run.data.tags["medseg.cache_hit"] == "false"
+    ]
+    assert ingest.data.tags["mlflow.parentRunId"] == dead.info.run_id
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
