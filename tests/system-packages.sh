@@ -3,6 +3,7 @@
 #   dicom3tools                 dciodvfy validates the DICOM SEG objects medseg writes
 #   orthanc, orthanc-dicomweb   a PACS with DICOMweb, started on loopback by tests/integration/test_pacs.py
 #   chromium, chromium-driver   headless browser for the MLflow UI check (tests/integration/test_mlflow_ui.py)
+#   dcm2niix                    the DICOM converter the field trusts: medseg's volumes are checked against it
 # Installs only what is missing (as root, or through sudo). MEDSEG_SKIP_SYSTEM_PACKAGES=1 skips
 # it; the tests that need a package then skip, naming it.
 set -eu
@@ -13,6 +14,7 @@ command -v Orthanc >/dev/null 2>&1 || missing="$missing orthanc"
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$missing orthanc-dicomweb"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
+command -v dcm2niix >/dev/null 2>&1 || missing="$missing dcm2niix"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 echo "installing Debian packages:$missing" >&2

@@ -14,6 +14,7 @@ and ``uid``, which callers keep in the workspace's private area.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -31,6 +32,16 @@ from medseg.io.volume import Volume
 from medseg.params import Params
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
+ImageKind = Literal["magnitude", "phase", "real", "imaginary", "derived"]
+Scaling = Literal["display", "precise"]
+_STACK_WORDS = {
+    "image_type": str,
+    "echo": lambda value: f"echo {value}",
+    "temporal_index": lambda value: f"time point {value}",
+    "b_value": lambda value: f"b={value:g}",
+    "acquisition": lambda value: f"acquisition {value}",
+}
+"""How each stack field reads in a listing; also the order in which fields split a series."""
 LABEL_MODALITIES = frozenset({"SEG", "RTSTRUCT"})
 
 # Geometry tolerances: positions and spacing in mm, directions as cosines.
@@ -64,6 +75,20 @@ class DicomSeries:
     frames: int
     multiframe: bool
     files: tuple[Path, ...]
+    stack: tuple[tuple[str, object], ...] = ()
+    fields: tuple[tuple[str, object], ...] = ()
+    transfer_syntax: str = ""
+    philips: bool = False  # Philips private scaling present: display or precise values
+
+    @property
+    def stack_label(self) -> str:
+        """``magnitude, echo 2`` — what sets this stack apart within its series (``""`` if alone)."""
+        return ", ".join(_STACK_WORDS[name](value) for name, value in self.stack)
+
+    @property
+    def selector(self) -> dict[str, object]:
+        """The ``ingest.series`` rules that select this stack among its series' stacks."""
+        return dict(self.stack)
 
     def listing(self) -> dict[str, object]:
         """A PHI-free row describing the series."""
@@ -71,10 +96,13 @@ class DicomSeries:
             "series": self.key,
             "modality": self.modality,
             "description": self.description,
+            "stack": self.stack_label or "-",
             "slices": self.frames,
             "size": f"{self.columns}x{self.rows}",
             "orientation": self.orientation,
             "multiframe": self.multiframe,
+            "syntax": self.transfer_syntax,
+            "scaling": "philips display/precise" if self.philips else "rescale",
         }
 
 
@@ -92,12 +120,29 @@ class SeriesRules(Params):
     ``modality`` lists the wanted Modality values; empty means every image modality (label
     objects — SEG, RTSTRUCT — are only taken when named). ``description`` is a regular
     expression searched in SeriesDescription (case-insensitive).
+
+    A series that holds several stacks at the same positions (magnitude and phase, echoes,
+    DCE time points, diffusion b-values, repeated acquisitions) is split into stacks;
+    ``image_type``, ``echo`` (EchoNumbers), ``temporal_index`` (0-based, in order of
+    TemporalPositionIdentifier or TriggerTime), ``b_value`` (s/mm²) and ``acquisition``
+    (AcquisitionNumber) select one, or ``channels`` stacks the stacks that differ in that
+    field as image channels (multi-echo, DCE), in increasing order of its value.
+    ``philips_scaling``: Philips MR stores display values (RescaleSlope/Intercept, the default
+    here and in viewers) and, with its private scale slope, precise (quantitative) values
+    ``(stored · RS + RI) / (RS · SS)`` — ``precise`` takes those (dcm2niix's default).
     """
 
     modality: tuple[str, ...] = ()
     description: str | None = None
     min_slices: int = 1
     orientation: Literal["any", "axial", "coronal", "sagittal", "oblique"] = "any"
+    image_type: ImageKind | None = None
+    echo: int | None = None
+    temporal_index: int | None = None
+    b_value: float | None = None
+    acquisition: int | None = None
+    channels: Literal["none", "image_type", "echo", "temporal_index", "b_value", "acquisition"] = "none"
+    philips_scaling: Scaling = "display"
 
 
 def _walk(root: Path) -> list[Path]:
@@ -175,24 +220,154 @@ def index_dicom(root: Path) -> DicomIndex:
             continue
         groups[_series_uid(path, header)].append((path, header))
     for uid, members in sorted(groups.items(), key=lambda item: series_key(item[0])):
-        first = members[0][1]
-        cosines, _ = _header_geometry(first)
-        frames = sum(_header_geometry(header)[1] for _, header in members)
-        index.series.append(
-            DicomSeries(
-                uid=uid,
-                key=series_key(uid),
-                modality=str(first.get("Modality", "")),
-                description=str(first.get("SeriesDescription", "")),
-                orientation=orientation_of(cosines) if cosines is not None else "oblique",
-                rows=int(first.Rows),
-                columns=int(first.Columns),
-                frames=frames,
-                multiframe=any(_header_geometry(header)[1] > 1 for _, header in members),
-                files=tuple(path for path, _ in members),
+        stacks = split_stacks(members)
+        for number, (stack, fields, stack_members) in enumerate(stacks, start=1):
+            first = stack_members[0][1]
+            cosines, _ = _header_geometry(first)
+            syntax = getattr(getattr(first, "file_meta", None), "TransferSyntaxUID", None)
+            index.series.append(
+                DicomSeries(
+                    uid=uid,
+                    key=series_key(uid) if len(stacks) == 1 else f"{series_key(uid)}.{number}",
+                    modality=str(first.get("Modality", "")),
+                    description=str(first.get("SeriesDescription", "")),
+                    orientation=orientation_of(cosines) if cosines is not None else "oblique",
+                    rows=int(first.Rows),
+                    columns=int(first.Columns),
+                    frames=sum(_header_geometry(header)[1] for _, header in stack_members),
+                    multiframe=any(_header_geometry(header)[1] > 1 for _, header in stack_members),
+                    files=tuple(path for path, _ in stack_members),
+                    stack=stack,
+                    fields=fields,
+                    transfer_syntax=syntax.name if syntax is not None else "",
+                    philips=philips_scale_slope(first) is not None,
+                )
             )
-        )
     return index
+
+
+_PART_TOKEN = re.compile(r"(?:^|_)(M|P|R|I)(?:_|$)")
+_PART_WORDS = {"M": "magnitude", "P": "phase", "R": "real", "I": "imaginary"}
+_GE_PART = {0: "magnitude", 1: "phase", 2: "real", 3: "imaginary"}
+
+
+def _image_kind(header: Any) -> str | None:
+    """The image kind: magnitude, phase, real or imaginary, derived, or None.
+
+    Read from ImageType (Siemens ``M``/``P``, Philips ``M_FFE``/``P_FFE``) or GE's private
+    (0043,102F); ``derived`` for other derived images.
+    """
+    tokens = [str(token).upper() for token in header.get("ImageType", [])]
+    for token in tokens[2:]:
+        for word in ("MAGNITUDE", "PHASE", "REAL", "IMAGINARY"):
+            if token == word:
+                return word.lower()
+        match = _PART_TOKEN.search(token)
+        if match:
+            return _PART_WORDS[match.group(1)]
+    ge = header.get((0x0043, 0x102F))
+    if ge is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            return _GE_PART.get(int(ge.value))
+    return "derived" if tokens[:1] == ["DERIVED"] else None
+
+
+def _b_value(header: Any) -> float | None:
+    """Diffusion b-value (s/mm²): DiffusionBValue, Siemens (0019,100C), GE (0043,1039) mod 1e9."""
+    for tag in ((0x0018, 0x9087), (0x0019, 0x100C), (0x0043, 0x1039)):
+        element = header.get(tag)
+        value = _first_number(element.value) if element is not None else None
+        if value is not None:
+            return value % 1e9 if tag == (0x0043, 0x1039) else value
+    return None
+
+
+def _first_number(value: Any) -> float | None:
+    """The first number of a DICOM value: a number, a multi-value, or private text bytes."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="ignore").strip("\x00 ").split("\\")[0]
+    if not isinstance(value, str) and hasattr(value, "__len__"):
+        value = value[0] if len(value) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _integer(header: Any, keyword: str) -> int | None:
+    value = header.get(keyword)
+    return int(value) if value not in (None, "") else None
+
+
+def _raw_fields(header: Any) -> dict[str, object]:
+    temporal = header.get("TemporalPositionIdentifier")
+    if temporal is None:
+        temporal = header.get("TriggerTime")
+    return {
+        "image_type": _image_kind(header),
+        "echo": _integer(header, "EchoNumbers"),
+        "temporal_index": float(temporal) if temporal not in (None, "") else None,
+        "b_value": _b_value(header),
+        "acquisition": _integer(header, "AcquisitionNumber"),
+    }
+
+
+def split_stacks(
+    members: list[tuple[Path, Any]],
+) -> list[tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...], list[tuple[Path, Any]]]]:
+    """Split one series' instances into stacks that each place one slice per position.
+
+    Only a series whose single-frame instances repeat positions is split, by the fields that
+    tell its stacks apart (image type, echo, time point, b-value, acquisition — in that order,
+    as few as it takes). ``temporal_index`` values become 0-based ranks.
+
+    Returns:
+        ``(stack, fields, members)`` per stack, sorted by stack values: ``stack`` the fields
+        that set it apart, ``fields`` every field constant within it (for selection rules).
+
+    """
+    raw = [_raw_fields(header) for _, header in members]
+    times = sorted({fields["temporal_index"] for fields in raw if fields["temporal_index"] is not None})
+    for fields in raw:
+        if fields["temporal_index"] is not None:
+            fields["temporal_index"] = times.index(fields["temporal_index"])
+    positions = [_position_key(header) for _, header in members]
+    chosen: list[str] = []
+    if None not in positions and len(set(positions)) < len(positions):
+        for name in _STACK_WORDS:
+            if len({fields[name] for fields in raw}) < 2:
+                continue
+            chosen.append(name)
+            groups = _group(raw, positions, chosen)
+            if all(len(set(group_positions)) == len(group_positions) for group_positions in groups.values()):
+                break
+    grouped: dict[tuple[object, ...], list[int]] = defaultdict(list)
+    for index, fields in enumerate(raw):
+        grouped[tuple(fields[name] for name in chosen)].append(index)
+    result = []
+    for values, indices in sorted(grouped.items(), key=lambda item: tuple(str(v) for v in item[0])):
+        constant = tuple(
+            (name, raw[indices[0]][name])
+            for name in _STACK_WORDS
+            if raw[indices[0]][name] is not None and len({raw[i][name] for i in indices}) == 1
+        )
+        result.append((tuple(zip(chosen, values, strict=True)), constant, [members[i] for i in indices]))
+    return result
+
+
+def _position_key(header: Any) -> tuple[float, ...] | None:
+    if int(header.get("NumberOfFrames", 1) or 1) > 1 or header.get("ImagePositionPatient") is None:
+        return None
+    return tuple(round(float(value), 2) for value in header.ImagePositionPatient)
+
+
+def _group(
+    raw: list[dict[str, object]], positions: list[Any], names: list[str]
+) -> dict[tuple[object, ...], list[Any]]:
+    groups: dict[tuple[object, ...], list[Any]] = defaultdict(list)
+    for fields, position in zip(raw, positions, strict=True):
+        groups[tuple(fields[name] for name in names)].append(position)
+    return groups
 
 
 def _series_uid(path: Path, header: Any) -> str:
@@ -207,6 +382,7 @@ def select_series(index: DicomIndex, rules: SeriesRules) -> list[DicomSeries]:
     """The series of ``index`` that satisfy every rule, in key order."""
     pattern = re.compile(rules.description, re.IGNORECASE) if rules.description else None
     wanted = {modality.upper() for modality in rules.modality}
+    stack_rules = {name: getattr(rules, name) for name in _STACK_WORDS if getattr(rules, name) is not None}
     return [
         series
         for series in index.series
@@ -214,6 +390,7 @@ def select_series(index: DicomIndex, rules: SeriesRules) -> list[DicomSeries]:
         and (pattern is None or pattern.search(series.description))
         and series.frames >= rules.min_slices
         and (rules.orientation == "any" or series.orientation == rules.orientation)
+        and all(dict(series.fields).get(name) == value for name, value in stack_rules.items())
     ]
 
 
@@ -226,26 +403,90 @@ class _Slice:
     cosines: np.ndarray
     spacing: tuple[float, float]
     label: str  # "instance 12" or "instance 1, frame 3", for messages
+    thickness: float = 0.0  # SliceThickness (mm): the spacing of a lone slice
 
 
 def find_series(folder: Path, rules: SeriesRules | None = None) -> DicomSeries:
-    """The one image series under ``folder`` that ``rules`` select (default: any image series).
+    """The one image series (or stack) under ``folder`` that ``rules`` select (default: any).
 
     Raises:
-        DataError: none or several series match (their keys are named).
+        DataError: none or several series match (their keys are named); several stacks of one
+            series match (each stack is listed with the rule that selects it).
 
     """
     found = select_series(index_dicom(folder), rules or SeriesRules())
     if len(found) != 1:
-        keys = ", ".join(series.key for series in found) or "none"
-        raise DataError(
-            f"the DICOM folder holds {len(found)} image series matching the rules ({keys}); point at a "
-            "folder with exactly one series, or select one (ingest.series)"
-        )
+        raise _ambiguous(found)
     return found[0]
 
 
-def read_series(series: DicomSeries, *, max_gib: float = 8.0) -> Volume:
+def find_stacks(folder: Path, rules: SeriesRules) -> list[DicomSeries]:
+    """The stacks of one series under ``folder`` to read as channels (``rules.channels``), in order.
+
+    Raises:
+        DataError: the matching stacks are not of one series, differ in more than the channel
+            field, or fewer than two match.
+
+    """
+    found = select_series(index_dicom(folder), rules)
+    field_name = rules.channels
+    if len({series.uid for series in found}) != 1 or len(found) < 2:
+        raise DataError(
+            f"ingest.series.channels: {field_name} needs two or more stacks of one series; "
+            f"{len(found)} stack(s) of {len({series.uid for series in found})} series match the rules"
+        )
+    values = [dict(series.fields).get(field_name) for series in found]
+    others = {tuple(item for item in series.stack if item[0] != field_name) for series in found}
+    if None in values or len(set(values)) != len(values) or len(others) > 1:
+        raise _ambiguous(found, f" (channels by {field_name} need stacks that differ in {field_name} only)")
+    return [series for _, series in sorted(zip(values, found, strict=True), key=lambda item: item[0])]
+
+
+def _ambiguous(found: list[DicomSeries], note: str = "") -> DataError:
+    """The error for a selection that is not one series: what matched, and how to pick."""
+    if len({series.uid for series in found}) == 1 and len(found) > 1:
+        base = found[0].key.rsplit(".", 1)[0]
+        stacks = "; ".join(
+            f"{series.stack_label} ({series.frames} slices): "
+            + ", ".join(f"ingest.series.{name}: {value}" for name, value in series.selector.items())
+            for series in found
+        )
+        fields = sorted({name for series in found for name in series.selector})
+        return DataError(
+            f"series {base} holds {len(found)} stacks at the same positions{note} — {stacks}; "
+            f"select one, or read them as channels (ingest.series.channels: {fields[0]})"
+        )
+    keys = ", ".join(series.key for series in found) or "none"
+    return DataError(
+        f"the DICOM folder holds {len(found)} image series matching the rules ({keys}); point at a "
+        "folder with exactly one series, or select one (ingest.series)"
+    )
+
+
+def read_stacks(stacks: list[DicomSeries], *, max_gib: float = 8.0, scaling: Scaling = "display") -> Volume:
+    """Read stacks of one series on one grid as channels: ``(len(stacks), x, y, z)`` float32, RAS+.
+
+    Raises:
+        DataError: a stack does not share the first stack's grid (shape and affine).
+
+    """
+    volumes = [read_series(stack, max_gib=max_gib / len(stacks), scaling=scaling) for stack in stacks]
+    first = volumes[0]
+    for stack, volume in zip(stacks[1:], volumes[1:], strict=True):
+        if volume.spatial_shape != first.spatial_shape or not np.allclose(
+            volume.affine, first.affine, atol=_POSITION_TOLERANCE
+        ):
+            raise DataError(
+                f"series {stack.key} ({stack.stack_label}): its grid {volume.spatial_shape} differs from "
+                f"{stacks[0].key}'s {first.spatial_shape}; stacks read as channels must share one grid"
+            )
+    array = np.concatenate([volume.array for volume in volumes])
+    return Volume(
+        array, first.affine, kind="image", meta={**first.meta, "channels": [s.stack_label for s in stacks]}
+    )
+
+
+def read_series(series: DicomSeries, *, max_gib: float = 8.0, scaling: Scaling = "display") -> Volume:
     """Build the series' volume: ``(1, x, y, z)`` float32 in RAS+ order with its affine (mm).
 
     Raises:
@@ -264,12 +505,15 @@ def read_series(series: DicomSeries, *, max_gib: float = 8.0) -> Volume:
     slices = [
         frame
         for number, path in enumerate(series.files, start=1)
-        for frame in _read_frames(series, number, path)
+        for frame in _read_frames(series, number, path, scaling)
     ]
-    return _assemble(series, slices)
+    volume = _assemble(series, slices)
+    vendor = "philips " if series.philips else ""
+    volume.meta["scaling"] = f"{vendor}{scaling if series.philips else 'display'}"
+    return volume
 
 
-def _read_frames(series: DicomSeries, number: int, path: Path) -> list[_Slice]:
+def _read_frames(series: DicomSeries, number: int, path: Path, scaling: Scaling) -> list[_Slice]:
     import pydicom
 
     name = f"series {series.key}, file {number}"
@@ -284,12 +528,19 @@ def _read_frames(series: DicomSeries, number: int, path: Path) -> list[_Slice]:
             f"{name}: {dataset.Columns}x{dataset.Rows} pixels where the series has "
             f"{series.columns}x{series.rows}; the series mixes images of different sizes"
         )
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed and not _can_decode(syntax):
+        raise DataError(
+            f"{name}: transfer syntax {syntax.name} ({syntax}) has no decoder installed; convert the "
+            "series to an uncompressed or common compressed syntax (e.g. with dcmdjpeg or gdcmconv)"
+        )
     try:
         pixels = np.asarray(dataset.pixel_array, dtype=np.float32)
-    except Exception as exc:  # truncated pixel data, missing codec, bad encapsulation
+    except Exception as exc:  # truncated pixel data, bad encapsulation
+        where = f" ({syntax.name})" if syntax is not None else ""
         raise DataError(
-            f"{name}: pixel data cannot be decoded ({type(exc).__name__}: {str(exc)[:120]}); "
-            "the file is truncated or uses an unsupported compression"
+            f"{name}: pixel data cannot be decoded{where} ({type(exc).__name__}: {str(exc)[:120]}); "
+            "the file is truncated or damaged"
         ) from exc
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames == 1:
@@ -304,20 +555,49 @@ def _read_frames(series: DicomSeries, number: int, path: Path) -> list[_Slice]:
             _enhanced_frame(dataset, index, pixels[index], f"{slice_name}, frame {index + 1}", series.key)
             for index in range(frames)
         ]
-    slope, intercept = (
-        float(dataset.get("RescaleSlope", 1) or 1),
-        float(dataset.get("RescaleIntercept", 0) or 0),
-    )
     spacing = dataset.get("PixelSpacing", [1.0, 1.0])
     return [
         _Slice(
-            pixels=pixels[0] * slope + intercept,
+            pixels=_scaled(dataset, pixels[0], scaling),
             position=np.asarray(dataset.ImagePositionPatient, dtype=float),
             cosines=np.asarray(dataset.ImageOrientationPatient, dtype=float),
             spacing=(float(spacing[0]), float(spacing[1])),
             label=slice_name,
+            thickness=float(dataset.get("SliceThickness") or 0.0),
         )
     ]
+
+
+PHILIPS_SCALE_SLOPE = (0x2005, 0x100E)
+"""Philips' private Scale Slope (SS): precise value = (stored · RS + RI) / (RS · SS)."""
+
+
+def philips_scale_slope(dataset: Any) -> float | None:
+    """Philips' private scale slope of an instance, or None (another vendor, or absent)."""
+    if "PHILIPS" not in str(dataset.get("Manufacturer", "")).upper():
+        return None
+    element = dataset.get(PHILIPS_SCALE_SLOPE)
+    value = _first_number(element.value) if element is not None else None
+    return value if value else None
+
+
+def _scaled(dataset: Any, pixels: np.ndarray, scaling: Scaling) -> np.ndarray:
+    """Stored values → real values: the modality rescale (display values), or Philips' precise values."""
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    display = pixels * slope + intercept
+    scale_slope = philips_scale_slope(dataset) if scaling == "precise" else None
+    return display / (slope * scale_slope) if scale_slope else display
+
+
+def _can_decode(syntax: Any) -> bool:
+    """Whether an installed plugin decodes pixel data of transfer syntax ``syntax``."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:  # a syntax pydicom knows no decoder for at all
+        return False
 
 
 def _functional(dataset: Any, index: int, sequence: str) -> Any:
@@ -417,7 +697,7 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
             )
         slice_step = median
     else:
-        slice_step = 1.0
+        slice_step = first.thickness or 1.0  # a lone slice: its thickness, as dcm2niix and ITK take it
     stack = np.empty((series.columns, series.rows, len(slices)), np.float32)  # (x, y, z)
     for index, item in enumerate(slices):
         stack[:, :, index] = item.pixels.T

@@ -205,7 +205,7 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
     if params.labels == "binary":
         label = Volume((label.array > 0).astype(np.int32), label.affine, kind="label")
     try:
-        normalized = normalize_intensity(image.array[0], params.normalize)
+        normalized = np.stack([normalize_intensity(channel, params.normalize) for channel in image.array])
     except ValueError as exc:
         raise DataError(f"image: {exc}; fix or remove the image") from exc
     markers = read_image(case.marker, kind="label") if case.marker is not None else None
@@ -214,7 +214,7 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
             f"markers: shape {markers.spatial_shape} differs from the mask's shape "
             f"{label.spatial_shape}; markers and masks must describe the same frame"
         )
-    return Volume(normalized[None], image.affine), label, markers
+    return Volume(normalized, image.affine), label, markers
 
 
 def ingest_dataset(
@@ -243,7 +243,7 @@ def ingest_dataset(
     if on_discovered is not None:
         on_discovered(source_map)
     records: list[CaseRecord] = []
-    spatial_dims = None
+    spatial_dims, channels = None, 1
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"
         try:
@@ -254,7 +254,12 @@ def ingest_dataset(
                 local_detail=f"{case_id} is '{case.source_name}' in the data input",
             ) from exc
         if spatial_dims is None:
-            spatial_dims = image.spatial_dims
+            spatial_dims, channels = image.spatial_dims, image.array.shape[0]
+        elif image.array.shape[0] != channels:
+            raise DataError(
+                f"case {case_id}: {image.array.shape[0]} image channel(s) where the first case has "
+                f"{channels}; every case needs the same stacks (ingest.series)"
+            )
         elif image.spatial_dims != spatial_dims:
             raise DataError(
                 f"case {case_id}: {image.spatial_dims}D image in a {spatial_dims}D dataset; "
@@ -289,7 +294,7 @@ def ingest_dataset(
         )
     index = DatasetIndex(
         spatial_dims=int(spatial_dims or 2),
-        channels=1,
+        channels=int(channels),
         labels={"0": "background", "1": "foreground"},
         instance_labels=params.labels == "instances",
         intensity=params.normalize.model_dump(),

@@ -73,6 +73,8 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRu
             array, affine = _read_png(path)
         elif suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
+            if array.ndim == 4 and kind == "image":  # channels last (x, y, z, c): channel-first
+                return Volume(array=np.moveaxis(array, -1, 0), affine=affine, kind=kind)
         elif suffix in NRRD_SUFFIXES:
             array, affine = _read_nrrd(path)
         else:
@@ -144,7 +146,10 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     image = nib.load(str(path))
     _refuse_absurd(path, tuple(int(size) for size in image.shape))
     array = np.asanyarray(image.dataobj)
-    array = np.squeeze(array, axis=tuple(range(3, array.ndim))) if array.ndim > 3 else array
+    if array.ndim > 4:
+        array = np.squeeze(array, axis=tuple(range(4, array.ndim)))
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return np.asarray(array), np.asarray(image.affine, dtype=np.float64)
@@ -172,31 +177,38 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom_folder(path: Path, kind: VolumeKind, rules: SeriesRules | None) -> Volume:
-    from medseg.io.dicom import find_series, read_series
+    from medseg.io.dicom import find_series, find_stacks, read_series, read_stacks
 
-    volume = read_series(find_series(path, rules))
+    scaling = rules.philips_scaling if rules is not None else "display"
+    if rules is not None and rules.channels != "none" and kind == "image":
+        return read_stacks(find_stacks(path, rules), scaling=scaling)
+    volume = read_series(find_series(path, rules), scaling=scaling)
     if kind == "label":
         return Volume(np.rint(volume.array).astype(np.int32), volume.affine, kind="label", meta=volume.meta)
     return volume
 
 
 def write_image(volume: Volume, path: str | Path) -> Path:
-    """Write a single-channel ``Volume`` as NIfTI (``.nii``/``.nii.gz``) or TIFF.
+    """Write a ``Volume`` as NIfTI (``.nii``/``.nii.gz``) or TIFF.
 
     Labels are written as int32 (NIfTI) or uint16 (TIFF, the CTC convention); images keep
-    their dtype. Returns the path written.
+    their dtype. A 3D image of several channels is written as a 4D NIfTI, channels last
+    (read back channel-first). Returns the path written.
 
     Raises:
-        DataError: the volume has several channels or the suffix is unsupported.
+        DataError: several channels where the format or kind cannot hold them, or an
+            unsupported suffix.
 
     """
     path = Path(path)
     suffix = image_suffix(path)
-    if volume.array.shape[0] != 1:
+    channels = volume.array.shape[0]
+    if channels != 1 and not (suffix in NIFTI_SUFFIXES and volume.kind == "image" and volume.array.ndim == 4):
         raise DataError(
-            f"{path.name}: can only write single-channel volumes, got {volume.array.shape[0]} channels"
+            f"{path.name}: can only write single-channel volumes here (several channels: 3D images as "
+            f"NIfTI), got {channels} channels"
         )
-    data = volume.array[0]
+    data = volume.array[0] if channels == 1 else np.moveaxis(volume.array, 0, -1)
     if suffix in NIFTI_SUFFIXES:
         import nibabel as nib
 
