@@ -312,7 +312,18 @@ def ingest(
     with _errors():
         index = index_dicom(source)
     table = Table(title=f"{len(index.series)} series", show_header=True)
-    columns = ("series", "modality", "description", "slices", "size", "orientation", "multiframe")
+    columns = (
+        "series",
+        "modality",
+        "description",
+        "stack",
+        "slices",
+        "size",
+        "orientation",
+        "multiframe",
+        "syntax",
+        "scaling",
+    )
     for column in columns:
         table.add_column(column)
     for series in index.series:
