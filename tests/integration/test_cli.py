@@ -31,7 +31,7 @@ def test_demo_then_status_rerun_and_gc(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/demo/.medseg/mlflow.db" in demo.stderr
 
     status = medseg("status", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
-    assert status.returncode == 0 and status.stdout.count("cached") == 4
+    assert status.returncode == 0 and status.stdout.count("cached") == 5
 
     rerun = medseg("run", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
     assert rerun.returncode == 0 and "stages executed: none" in rerun.stderr
@@ -40,12 +40,12 @@ def test_demo_then_status_rerun_and_gc(tmp_path):
     abandoned.mkdir(parents=True)  # what a killed run of a since-changed workflow leaves behind
     (abandoned / "last_epoch.pt").write_bytes(b"checkpoint")
     kept = medseg("cache", "gc", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
-    assert "removed 0 cache entries; kept 4" in kept.stderr
+    assert "removed 0 cache entries; kept 5" in kept.stderr
     assert "removed 1 unfinished run checkpoint folder(s)" in kept.stderr and not abandoned.exists()
     dropped = medseg("cache", "gc", "--workspace", "demo/.medseg", cwd=tmp_path)
-    assert "removed 4 cache entries" in dropped.stderr
+    assert "removed 5 cache entries" in dropped.stderr
     status = medseg("status", "demo/demo.yaml", "--workspace", "demo/.medseg", cwd=tmp_path)
-    assert status.stdout.count("will run") == 4
+    assert status.stdout.count("will run") == 5
 
 
 def test_typo_fails_before_any_work(tmp_path):
