@@ -70,7 +70,7 @@ def test_workflow_tracking_uri_and_environment_redirect_to_server(tmp_path, serv
     hits = client.search_runs(
         [client.get_experiment_by_name("served-env").experiment_id], "tags.medseg.cache_hit = 'true'"
     )
-    assert len(hits) == 4
+    assert len(hits) == 5
 
 
 def _outage_study(tmp_path, url, name):

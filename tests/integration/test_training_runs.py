@@ -174,7 +174,7 @@ def test_torchrun_workflow_tracks_once_from_rank0(workflow, tmp_path):
         *torchrun, "run", str(workflow), "--workspace", str(workspace), module="torch.distributed.run"
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stderr.count("stages executed: ingest, train, evaluate, export") == 1
+    assert completed.stderr.count("stages executed: ingest, train, postprocess, evaluate, export") == 1
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("runs")
     parents = client.search_runs([experiment.experiment_id], "tags.medseg.workflow = 'runs'")
