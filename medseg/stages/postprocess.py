@@ -46,6 +46,7 @@ def run(
     from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
     from medseg.io.dataset import load_case, load_markers, read_index
     from medseg.io.layouts import is_fully_annotated
+    from medseg.io.readers import read_image
     from medseg.training.loop import resolve_device
 
     folder, model_in, model_out = inputs["dataset"], inputs["model"], outputs["model"]
@@ -89,7 +90,7 @@ def run(
         )
         context.progress("postprocess: predict", number, len(records))
     sizes = training_object_sizes(
-        [load_case(folder, record)[1].array[0] for record in index.split("train")],
+        [read_image(folder / record.label, kind="label").array[0] for record in index.split("train")],
         instance_labels=index.instance_labels,
     )
     choice = choose_postprocessing(cases, current, object_sizes=sizes, instance_labels=index.instance_labels)
