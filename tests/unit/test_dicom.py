@@ -100,7 +100,7 @@ def test_volume_is_sorted_by_position_rescaled_and_in_ras(tmp_path):
     assert volume.spacing == pytest.approx((0.8, 0.5, 2.0))  # columns 0.8 mm apart, rows 0.5, slices 2
     # Voxel (0, 0, 0) is the last column / last row of the lowest slice: LPS (10+3*0.8, 20+5*0.5, -50).
     assert volume.affine @ np.array([0, 0, 0, 1]) == pytest.approx([-12.4, -22.5, -50.0, 1])
-    assert volume.meta == {"modality": "CT", "series": only_series(folder).key}
+    assert volume.meta == {"modality": "CT", "series": only_series(folder).key, "scaling": "display"}
 
 
 def test_oblique_series_keeps_its_geometry(tmp_path):
