@@ -45,7 +45,6 @@ def run(
     from medseg.inference.settings import InferenceSettings
     from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
     from medseg.io.dataset import load_case, load_markers, read_index
-    from medseg.io.layouts import is_fully_annotated
     from medseg.io.readers import read_image
     from medseg.training.loop import resolve_device
 
@@ -77,15 +76,14 @@ def run(
             device=device,
             sw_batch_size=params.sw_batch_size,
         )
-        marker_array = markers.array[0] if markers is not None else None
         cases.append(
             ValidationCase(
                 case_id=record.case_id,
                 classes=class_map(logits),
                 interior=class_probability(logits, 1) if current.target == "boundary" else None,
                 reference=label.array[0],
-                markers=marker_array,
-                fully_annotated=is_fully_annotated(label.array[0], marker_array),
+                markers=markers.array[0] if markers is not None else None,
+                fully_annotated=record.fully_annotated,
             )
         )
         context.progress("postprocess: predict", number, len(records))
@@ -111,12 +109,13 @@ def run(
         writer.writeheader()
         writer.writerows(rows)
     context.log_artifact(table, "postprocessing")
+    chosen = choice.chosen.as_row()  # the candidates table's own spelling ("argmax" seeds)
     context.log_params(
         {
-            "postprocess.chosen.min_object_size": choice.chosen.min_object_size,
-            "postprocess.chosen.fill_holes": choice.chosen.fill_holes,
-            "postprocess.chosen.seed_threshold": choice.chosen.seed_threshold or "argmax",
-            "postprocess.chosen.keep_largest": choice.chosen.keep_largest,
+            **{
+                f"postprocess.chosen.{name}": chosen[name]
+                for name in ("min_object_size", "fill_holes", "seed_threshold", "keep_largest")
+            },
             "postprocess.measure": choice.measure,
         }
     )
