@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.inference.card import ModelCard
 from medseg.inference.segmenter import Segmenter
+from medseg.inference.settings import InferenceSettings
+from medseg.io.preprocessing import NormalizeParams, Preprocessing
 from medseg.io.volume import Volume, affine_from_spacing
 from medseg.nets.unet import NetParams, build_unet
 
@@ -34,15 +37,16 @@ def make_segmenter(spatial_dims: int, roi: tuple[int, ...], channels: tuple[int,
     params = NetParams(channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=1)
     torch.manual_seed(0)
     net = build_unet(params, spatial_dims=spatial_dims, in_channels=1, out_channels=2)
-    card = {
-        "spatial_dims": spatial_dims,
-        "in_channels": 1,
-        "out_channels": 2,
-        "net": params.model_dump(mode="json"),
-        "intensity": {"method": "zscore"},
-        "preprocessing": {"orientation": "RAS", "spacing": None},
-        "inference": {"roi_size": list(roi), "overlap": 0.25, "min_object_size": 10, "fill_holes": True},
-    }
+    card = ModelCard(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=2,
+        net=params,
+        preprocessing=Preprocessing(
+            spatial_dims=spatial_dims, channels=1, normalize=NormalizeParams(method="zscore")
+        ),
+        inference=InferenceSettings(roi_size=roi, overlap=0.25, min_object_size=10, fill_holes=True),
+    )
     return Segmenter(net, card)
 
 
@@ -52,7 +56,7 @@ def baseline(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
 
     data = (image - image.mean()) / max(float(image.std()), 1e-6)
     batch = torch.as_tensor(data, dtype=torch.float32)[None, None]
-    roi = tuple(segmenter.card["inference"]["roi_size"])
+    roi = segmenter.card.inference.roi_size
     with torch.inference_mode():
         logits = sliding_window_inference(batch, roi, 4, segmenter.module, overlap=0.25, mode="gaussian")
     return logits.argmax(dim=1)[0].numpy()

@@ -21,10 +21,10 @@ import torch
 
 from medseg.demo import phantom_frame
 from medseg.nets.unet import build_unet
+from medseg.training.augment import train_transforms
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import TrainingCase, prepare_sample, resolve_device, train_segmentation
 from medseg.training.params import TrainParams
-from medseg.transforms.presets import train_transforms
 
 
 def phantom_cases(count: int, size: int) -> list[TrainingCase]:

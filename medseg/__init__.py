@@ -15,13 +15,16 @@ if TYPE_CHECKING:
     from medseg.api import (
         WorkflowResult,
         evaluate_masks,
+        model_registry,
         run_workflow,
         validate_workflow,
         workflow_status,
     )
     from medseg.errors import ConfigError, DataError, MedsegError, StageError, TrackingError
+    from medseg.inference.card import ModelCard
     from medseg.inference.segmenter import Segmenter
     from medseg.io.ingest import IngestParams
+    from medseg.io.preprocessing import Preprocessing
     from medseg.io.readers import read_image, write_image
     from medseg.io.volume import Volume
     from medseg.metrics.evaluate import EvaluationSummary
@@ -34,6 +37,9 @@ _EXPORTS = {
     "read_image": "medseg.io.readers",
     "write_image": "medseg.io.readers",
     "Segmenter": "medseg.inference.segmenter",
+    "ModelCard": "medseg.inference.card",
+    "Preprocessing": "medseg.io.preprocessing",
+    "model_registry": "medseg.api",
     "evaluate_masks": "medseg.api",
     "run_workflow": "medseg.api",
     "validate_workflow": "medseg.api",
@@ -59,6 +65,8 @@ __all__ = [
     "ExportParams",
     "IngestParams",
     "MedsegError",
+    "ModelCard",
+    "Preprocessing",
     "Segmenter",
     "StageError",
     "TrackingError",
@@ -67,6 +75,7 @@ __all__ = [
     "WorkflowResult",
     "__version__",
     "evaluate_masks",
+    "model_registry",
     "read_image",
     "run_workflow",
     "validate_workflow",

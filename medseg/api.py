@@ -26,6 +26,7 @@ from medseg.tracking.resilient import URI_FILE, ResilientTracker, replay_journal
 from medseg.transport import refuse_clear_text_credentials
 
 if TYPE_CHECKING:
+    from medseg.inference.segmenter import ModelResolver
     from medseg.io.layouts import MaskPair
 
 T = TypeVar("T")
@@ -59,6 +60,19 @@ class WorkflowResult:
     cached: list[str]
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def model_registry(tracking_uri: str) -> ModelResolver:
+    """The MLflow registry (and runs) at ``tracking_uri``, as a ``Segmenter.load`` resolver.
+
+    ``Segmenter.load("models:/liver@champion", resolver=model_registry(uri))``.
+    """
+    from medseg.tracking.mlflow import download_model
+
+    def resolve(source: str, destination: Path) -> Path:
+        return download_model(source, tracking_uri, destination)
+
+    return resolve
 
 
 def validate_workflow(path: str | Path) -> ResolvedWorkflow:

@@ -359,8 +359,10 @@ def predict(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Segment images with a trained model; labels come back in each input's geometry."""
-    from medseg.inference.cohort import OUTPUT_SUFFIX, discover_images, predict_cohort
+    from medseg.api import model_registry
+    from medseg.inference.cohort import predict_cohort
     from medseg.inference.segmenter import Segmenter
+    from medseg.io.cohort import OUTPUT_SUFFIX, discover_images
     from medseg.runner.engine import Workspace
 
     _quiet_libraries()
@@ -369,7 +371,7 @@ def predict(
         raise typer.Exit(1)
     with _errors():
         uri = tracking_uri or Workspace(workspace).default_tracking_uri
-        segmenter = Segmenter.load(model, tracking_uri=uri, device=device)
+        segmenter = Segmenter.load(model, resolver=model_registry(uri), device=device)
         cases = discover_images(source)
         with _progress_bar() as bar:
             task = bar.add_task("predict", total=len(cases), status="")

@@ -67,8 +67,12 @@ def write_ct_export(folder: Path) -> Path:
         "in_channels": 1,
         "out_channels": 2,
         "net": params.model_dump(mode="json"),
-        "intensity": {"method": "ct", "window": [-1000.0, 1000.0]},
-        "preprocessing": {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0]},
+        "preprocessing": {
+            "spatial_dims": 3,
+            "channels": 1,
+            "spacing": [4.0, 4.0, 4.0],
+            "normalize": {"method": "ct", "window": [-1000.0, 1000.0]},
+        },
         "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "min_object_size": 0, "fill_holes": False},
         "segments": [{"number": 1, "label": "body", "category": ["91723000", "Anatomical Structure"]}],
     }

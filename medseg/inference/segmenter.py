@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from medseg.errors import DataError
+from medseg.inference.card import ModelCard
 from medseg.inference.model import network_from_card
 from medseg.inference.predict import segment_instances
-from medseg.inference.settings import InferenceSettings
-from medseg.io.geometry import canonical, resample_to_grid, resample_to_spacing
-from medseg.io.ingest import NormalizeParams, normalize_intensity
-from medseg.io.readers import read_image
+from medseg.io.cohort import OutputFormat, write_labels
 from medseg.io.volume import Volume, affine_from_spacing
+
+if TYPE_CHECKING:
+    from medseg.io.dicom import DicomSeries
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 EXPORT_FILES = ("weights.pt", "model_card.json")
 """What ``Segmenter.from_export`` reads from an export folder (``model.ts``/``model.onnx`` sit beside)."""
+
+
+class ModelResolver(Protocol):
+    """``resolve(source, destination) -> export folder``: fetch a model named by a registry URI.
+
+    ``medseg.model_registry(tracking_uri)`` is MLflow's; any registry can be plugged in.
+    """
+
+    def __call__(self, source: str, destination: Path) -> Path:
+        """Download ``source`` (``models:/...``, ``runs:/...``, a run id) into ``destination``."""
 
 
 class Segmenter:
@@ -37,24 +47,27 @@ class Segmenter:
 
     Args:
         module: the network, ``(N, C, *spatial)`` float32 → logits ``(N, classes, *spatial)``.
-        card: the model card (``model_card.json`` of an export).
+        card: the model card (``model_card.json`` of an export, as ``ModelCard.read`` gives it).
         device: ``cpu``, ``cuda``, ``cuda:1``...
 
     """
 
-    def __init__(self, module: torch.nn.Module, card: dict[str, Any], device: str = "cpu") -> None:
+    def __init__(self, module: torch.nn.Module, card: ModelCard, device: str = "cpu") -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.card = card
 
     @classmethod
-    def load(cls, source: str | Path, *, tracking_uri: str | None = None, device: str = "cpu") -> Segmenter:
-        """Load from an export folder, an MLflow model URI or a run id.
+    def load(
+        cls, source: str | Path, *, resolver: ModelResolver | None = None, device: str = "cpu"
+    ) -> Segmenter:
+        """Load from an export folder, a registry URI or a run id.
 
         ``source`` is an export folder, ``models:/name/version``, ``models:/name@alias``,
         ``runs:/<run id>/model`` or a run id (a workflow's parent run or its export run).
-        MLflow sources are downloaded from ``tracking_uri`` (required for them) into a
-        temporary folder and loaded like an export folder.
+        Registry sources are fetched by ``resolver`` (required for them; e.g.
+        ``medseg.model_registry(tracking_uri)``) into a temporary folder and loaded like an
+        export folder.
 
         Raises:
             DataError: the source is not a medseg export, or its card or weights are unusable.
@@ -70,12 +83,12 @@ class Segmenter:
                 f"no export folder at '{path.name}', and it is not a models:/ or runs:/ URI or a run id; "
                 "point at an export folder or a registered model"
             )
-        if tracking_uri is None:
-            raise DataError(f"loading '{text}' needs the MLflow tracking URI (tracking_uri=...)")
-        from medseg.tracking.mlflow import download_model
-
+        if resolver is None:
+            raise DataError(
+                f"loading '{text}' needs a model registry: resolver=medseg.model_registry(tracking_uri)"
+            )
         with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
-            return cls.from_export(download_model(text, tracking_uri, Path(folder)), device=device)
+            return cls.from_export(resolver(text, Path(folder)), device=device)
 
     @classmethod
     def from_export(cls, folder: str | Path, *, device: str = "cpu") -> Segmenter:
@@ -95,7 +108,7 @@ class Segmenter:
                 f"'{folder.name}' is not a medseg export ({' and '.join(EXPORT_FILES)} needed); "
                 "point at the export stage's output folder"
             )
-        card = json.loads((folder / "model_card.json").read_text())
+        card = ModelCard.read(folder / "model_card.json")
         net = network_from_card(card, folder / "weights.pt", fix="re-export the model")
         return cls(net, card, device)
 
@@ -124,27 +137,15 @@ class Segmenter:
             DataError: the image's dimensionality or channel count does not fit the model.
 
         """
+        preprocessing = self.card.preprocessing
         volume = self._as_volume(image, spacing)
-        spatial_dims, channels = int(self.card["spatial_dims"]), int(self.card["in_channels"])
-        if volume.spatial_dims != spatial_dims or volume.array.shape[0] != channels:
-            raise DataError(
-                f"image of shape {volume.array.shape} does not fit the model "
-                f"({channels} channel(s), {spatial_dims}D); pass a {spatial_dims}D image"
-            )
-        work = self._training_geometry(volume)
-        intensity = NormalizeParams.model_validate(self.card["intensity"])
-        data = (
-            normalize_intensity(work.array[0], intensity)[None]  # no stacking copy for one channel
-            if channels == 1
-            else np.stack([normalize_intensity(channel, intensity) for channel in work.array])
-        )
+        preprocessing.check(volume)
+        work = preprocessing.apply(volume)
         labels = segment_instances(
-            self.module, data, InferenceSettings.from_card(self.card), device=self.device, flip_tta=flip_tta
+            self.module, work.array, self.card.inference, device=self.device, flip_tta=flip_tta
         )
         result = Volume(labels[None], work.affine, kind="label", meta=dict(volume.meta))
-        if work is not volume:  # back onto the caller's voxel grid (nearest neighbour, exact if equal)
-            result = resample_to_grid(result, volume.spatial_shape, volume.affine, order=0)
-        return result
+        return preprocessing.restore(result, volume)
 
     def write_dicom_seg(self, labels: Volume, source: str | Path, path: str | Path) -> Path:
         """Write ``labels`` (from ``predict`` on the series in ``source``) as a DICOM SEG.
@@ -157,27 +158,30 @@ class Segmenter:
                 on its grid.
 
         """
-        from medseg.inference.cohort import write_labels
         from medseg.io.dicom import find_series
 
-        return write_labels(labels, Path(path), "dicom-seg", card=self.card, series=find_series(Path(source)))
+        return self.write_labels(labels, Path(path), "dicom-seg", series=find_series(Path(source)))
 
-    def _training_geometry(self, volume: Volume) -> Volume:
-        """The image in the geometry the model was trained in: RAS+ and the ingest spacing (3D)."""
-        if volume.spatial_dims != 3:
-            return volume
-        steps = self.card.get("preprocessing", {})
-        work = canonical(volume) if steps.get("orientation") == "RAS" else volume
-        if steps.get("spacing"):
-            work = resample_to_spacing(work, tuple(float(v) for v in steps["spacing"]), order=1)
-        return work
+    def write_labels(
+        self, labels: Volume, path: Path, output_format: OutputFormat, *, series: DicomSeries | None = None
+    ) -> Path:
+        """Write ``labels`` as NIfTI, TIFF or DICOM SEG (the card's segment; ``series``: its source)."""
+        return write_labels(
+            labels,
+            path,
+            output_format,
+            segment=self.card.segment.info(),
+            algorithm=self.card.name or "unet",
+            series=series,
+        )
 
-    @staticmethod
-    def _as_volume(image: Volume | np.ndarray | str | Path, spacing: tuple[float, ...] | None) -> Volume:
+    def _as_volume(
+        self, image: Volume | np.ndarray | str | Path, spacing: tuple[float, ...] | None
+    ) -> Volume:
         if isinstance(image, Volume):
             return image
         if isinstance(image, str | Path):
-            return read_image(image)
+            return self.card.preprocessing.read(Path(image))
         array = np.asarray(image)
         if spacing is not None and array.ndim == len(spacing):
             array = array[None]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Literal
 
 TargetKind = Literal["foreground", "boundary"]
 """What a net predicts: background/object, or background/interior/border."""
@@ -36,21 +35,6 @@ class InferenceSettings:
     seed_threshold: float | None = None
     keep_largest: bool = False
 
-    @classmethod
-    def from_card(cls, card: Mapping[str, Any]) -> InferenceSettings:
-        """Read the ``inference`` section of a model card."""
-        section = card["inference"]
-        threshold = section.get("seed_threshold")
-        return cls(
-            roi_size=tuple(int(size) for size in section["roi_size"]),
-            overlap=float(section["overlap"]),
-            min_object_size=int(section["min_object_size"]),
-            fill_holes=bool(section["fill_holes"]),
-            target="boundary" if section.get("target") == "boundary" else "foreground",
-            seed_threshold=None if threshold is None else float(threshold),
-            keep_largest=bool(section.get("keep_largest", False)),
-        )
-
     def with_postprocessing(
         self, *, min_object_size: int, fill_holes: bool, seed_threshold: float | None, keep_largest: bool
     ) -> InferenceSettings:
@@ -62,7 +46,3 @@ class InferenceSettings:
             seed_threshold=seed_threshold,
             keep_largest=keep_largest,
         )
-
-    def as_card(self) -> dict[str, Any]:
-        """The ``inference`` section of a model card."""
-        return {**asdict(self), "roi_size": list(self.roi_size)}

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Literal
 
 from medseg.errors import DataError
+from medseg.io.preprocessing import Preprocessing
 from medseg.io.readers import read_image
 from medseg.io.volume import Volume
 
 DATASET_FILE = "dataset.json"
-FORMAT = "medseg-dataset/1"
+FORMAT = "medseg-dataset/2"
+"""Version 2: ``preprocessing`` is the whole ``Preprocessing`` (it replaced ``intensity``)."""
 SplitName = Literal["train", "val", "test"]
 
 
@@ -48,18 +50,18 @@ class CaseRecord:
 class DatasetIndex:
     """The content of ``dataset.json``.
 
-    ``preprocessing`` records the geometry steps ingest applied (``orientation``: ``RAS`` for
-    3D, ``spacing`` in mm or None), which inference must repeat on new images.
+    ``preprocessing`` is what ingest applied to every image (orientation, spacing,
+    normalisation, DICOM stack rules); training copies it into the model card and inference
+    applies it to new images.
     """
 
     spatial_dims: int
     channels: int
     labels: dict[str, str]
     instance_labels: bool
-    intensity: dict[str, object]
     cases: tuple[CaseRecord, ...]
     splits: dict[str, list[str]] = field(default_factory=dict)
-    preprocessing: dict[str, object] = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     format: str = FORMAT
 
     def split(self, name: SplitName) -> list[CaseRecord]:
@@ -71,7 +73,7 @@ class DatasetIndex:
 def write_index(folder: Path, index: DatasetIndex) -> Path:
     """Write ``dataset.json`` into ``folder`` and return its path."""
     path = folder / DATASET_FILE
-    document = asdict(index)
+    document = {**asdict(index), "preprocessing": index.preprocessing.model_dump(mode="json")}
     path.write_text(json.dumps(document, indent=2))
     return path
 
@@ -93,7 +95,8 @@ def read_index(folder: Path) -> DatasetIndex:
         CaseRecord(**{**case, "shape": tuple(case["shape"]), "spacing": tuple(case["spacing"])})
         for case in document.pop("cases")
     )
-    return DatasetIndex(cases=cases, **document)
+    preprocessing = Preprocessing.model_validate(document.pop("preprocessing"))
+    return DatasetIndex(cases=cases, preprocessing=preprocessing, **document)
 
 
 def load_case(folder: Path, case: CaseRecord) -> tuple[Volume, Volume]:

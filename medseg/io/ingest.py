@@ -12,7 +12,7 @@ from pydantic import Field
 from medseg.errors import DataError
 from medseg.io.dataset import CaseRecord, DatasetIndex, write_index
 from medseg.io.dicom import SeriesRules, read_dicom_seg
-from medseg.io.geometry import canonical, check_same_grid, resample_to_grid, resample_to_spacing
+from medseg.io.geometry import check_same_grid, resample_to_grid
 from medseg.io.layouts import (
     SourceCase,
     discover_cases,
@@ -21,24 +21,10 @@ from medseg.io.layouts import (
     discover_paired,
     is_fully_annotated,
 )
+from medseg.io.preprocessing import NormalizeParams, Preprocessing
 from medseg.io.readers import DICOM_SEG_SUFFIXES, image_suffix, read_image, write_image
 from medseg.io.volume import Volume
 from medseg.params import Params
-
-
-class NormalizeParams(Params):
-    """Deterministic intensity normalisation applied once at ingest.
-
-    - ``percentile`` maps the ``lower``/``upper`` percentiles of each image to 0/1 (microscopy);
-    - ``ct`` clips to the ``window`` in Hounsfield units and maps it to 0/1;
-    - ``zscore`` subtracts the mean and divides by the standard deviation (MR);
-    - ``none`` keeps the values.
-    """
-
-    method: Literal["percentile", "ct", "zscore", "none"] = "percentile"
-    lower: float = Field(1.0, ge=0, lt=100)
-    upper: float = Field(99.8, gt=0, le=100)
-    window: tuple[float, float] = (-1000.0, 1000.0)
 
 
 class SplitParams(Params):
@@ -118,28 +104,6 @@ def discover(source: Path, params: IngestParams) -> tuple[list[SourceCase], Inge
     return cases, params
 
 
-def normalize_intensity(image: np.ndarray, params: NormalizeParams) -> np.ndarray:
-    """Normalise an image array to float32 (any shape) as ``params`` says (one float32 copy)."""
-    data = image.astype(np.float32)  # the only copy: the steps below work in place
-    if not np.isfinite(data).all():
-        raise ValueError("image has NaN or infinite values")
-    if params.method == "none":
-        return data
-    if params.method == "zscore":
-        scale = max(float(data.std()), 1e-6)
-        data -= data.mean()
-    else:
-        if params.method == "ct":
-            low, high = params.window
-            np.clip(data, low, high, out=data)
-        else:
-            low, high = (float(v) for v in np.percentile(data, [params.lower, params.upper]))
-        scale = max(high - low, 1e-6)
-        data -= np.float32(low)
-    data /= np.float32(scale)
-    return data
-
-
 def split_cases(
     case_ids: list[str], trainable: list[bool], params: SplitParams, seed: int
 ) -> dict[str, list[str]]:
@@ -172,21 +136,30 @@ def split_cases(
     }
 
 
-def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, Volume | None]:
-    """Image, label and (CTC) marker volumes of one source case, checked and normalised."""
-    image = read_image(case.image, series=params.series)
+def preprocessing_of(params: IngestParams) -> Preprocessing:
+    """The preprocessing ingest applies (dimensionality and channels are filled from the data)."""
+    return Preprocessing(spacing=params.spacing, normalize=params.normalize, series=params.series)
+
+
+def _read_case(
+    case: SourceCase, params: IngestParams, preprocessing: Preprocessing
+) -> tuple[Volume, Volume, Volume | None]:
+    """Image, label and (CTC) marker volumes of one source case, checked and preprocessed.
+
+    The image goes through ``preprocessing.orient`` and ``finish`` (= ``apply``, what
+    ``Segmenter.predict`` does); the label follows it onto the same grid.
+    """
+    image = preprocessing.orient(preprocessing.read(case.image))
     if image_suffix(case.label) in DICOM_SEG_SUFFIXES:
         label = read_dicom_seg(case.label, highest_wins=params.segment_overlap == "highest")
     else:
         label = read_image(case.label, kind="label", series=params.series)
+    label = preprocessing.orient(label)
     if image.spatial_dims == 3:
-        image, label = canonical(image), canonical(label)
         if params.label_grid == "resample" or label.meta.get("modality") == "SEG":  # SEG: place on the grid
             label = resample_to_grid(label, image.spatial_shape, image.affine, order=0)
         check_same_grid(image, label, name="label")
-        if params.spacing is not None:
-            image = resample_to_spacing(image, params.spacing, order=1)
-            label = resample_to_spacing(label, params.spacing, order=0)
+        label = preprocessing.resample(label, order=0)
     elif image.spatial_shape != label.spatial_shape:
         raise DataError(
             f"label: mask shape {label.spatial_shape} differs from the image's "
@@ -204,17 +177,14 @@ def _read_case(case: SourceCase, params: IngestParams) -> tuple[Volume, Volume, 
             )
     if params.labels == "binary":
         label = Volume((label.array > 0).astype(np.int32), label.affine, kind="label")
-    try:
-        normalized = np.stack([normalize_intensity(channel, params.normalize) for channel in image.array])
-    except ValueError as exc:
-        raise DataError(f"image: {exc}; fix or remove the image") from exc
+    normalized = preprocessing.finish(image)
     markers = read_image(case.marker, kind="label") if case.marker is not None else None
     if markers is not None and markers.spatial_shape != label.spatial_shape:
         raise DataError(
             f"markers: shape {markers.spatial_shape} differs from the mask's shape "
             f"{label.spatial_shape}; markers and masks must describe the same frame"
         )
-    return Volume(normalized, image.affine), label, markers
+    return Volume(normalized.array, normalized.affine), label, markers
 
 
 def ingest_dataset(
@@ -244,10 +214,11 @@ def ingest_dataset(
         on_discovered(source_map)
     records: list[CaseRecord] = []
     spatial_dims, channels = None, 1
+    preprocessing = preprocessing_of(params)
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"
         try:
-            image, label, markers = _read_case(case, params)
+            image, label, markers = _read_case(case, params, preprocessing)
         except DataError as exc:
             raise DataError(
                 f"case {case_id}: {exc} (its source is in the workspace's private/ case map)",
@@ -297,13 +268,16 @@ def ingest_dataset(
         channels=int(channels),
         labels={"0": "background", "1": "foreground"},
         instance_labels=params.labels == "instances",
-        intensity=params.normalize.model_dump(),
         cases=tuple(records),
         splits=split_cases([r.case_id for r in records], trainable, params.split, seed),
-        preprocessing={
-            "orientation": "RAS" if spatial_dims == 3 else "as stored",
-            "spacing": list(params.spacing) if params.spacing and spatial_dims == 3 else None,
-        },
+        preprocessing=preprocessing.model_copy(
+            update={
+                "spatial_dims": int(spatial_dims or 2),
+                "channels": int(channels),
+                "orientation": "RAS" if spatial_dims == 3 else "as stored",
+                "spacing": params.spacing if spatial_dims == 3 else None,
+            }
+        ),
     )
     write_index(out_dir, index)
     return index, source_map

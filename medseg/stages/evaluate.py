@@ -36,7 +36,6 @@ def run(
     from medseg.errors import DataError
     from medseg.inference.model import load_model
     from medseg.inference.predict import segment_instances
-    from medseg.inference.settings import InferenceSettings
     from medseg.io.dataset import load_case, load_markers, read_index
     from medseg.io.layouts import ctc_mask_name
     from medseg.io.readers import read_image, write_image
@@ -60,7 +59,7 @@ def run(
         )
     device = resolve_device(params.device)
     net, card = load_model(inputs["model"], device)
-    settings = InferenceSettings.from_card(card)
+    settings = card.inference
     predictions_dir = report / "predictions"
     predictions_dir.mkdir()
     results, prediction_files = [], {}
@@ -112,7 +111,7 @@ def run(
     write_html_report(
         report / "report.html",
         title=f"Evaluation on the {params.split} split",
-        postprocessing=card.get("postprocessing", {}),
+        postprocessing=card.postprocessing.model_dump(exclude_none=True) if card.postprocessing else {},
         summary=summary,
         cases=results,
         history=history,

@@ -67,11 +67,10 @@ def run(
     from medseg._version import __version__
     from medseg.export.onnx import export_onnx, onnx_parity
     from medseg.export.torchscript import export_torchscript, max_abs_difference
+    from medseg.inference.card import SegmentRecord
     from medseg.inference.model import load_model
     from medseg.inference.predict import predict_logits
-    from medseg.inference.settings import InferenceSettings
     from medseg.io.dataset import load_case, read_index
-    from medseg.nets.unet import NetParams
     from medseg.runner.cache import library_versions
 
     folder, target = inputs["dataset"], outputs["export"]
@@ -79,9 +78,9 @@ def run(
     index = read_index(folder)
     record = (index.split("test") or list(index.cases))[0]
     image, _ = load_case(folder, record)
-    settings = InferenceSettings.from_card(card)
+    settings = card.inference
     roi = settings.roi_size
-    divisor = NetParams.model_validate(card["net"]).size_divisor
+    divisor = card.net.size_divisor
     corner = tuple(slice(0, min(size, extent)) for size, extent in zip(roi, image.spatial_shape, strict=True))
     example = torch.as_tensor(image.array[(slice(None), *corner)][None], dtype=torch.float32)
     module = export_torchscript(net, example, target / "model.ts")
@@ -98,28 +97,22 @@ def run(
     onnx_difference = onnx_parity(net, target / "model.onnx", [example, second])
 
     summary_path = inputs["report"] / "summary.json"
-    model_card = {
-        **card,
-        "name": params.register_as or context.stage,
-        "intended_use": (
-            "research use: segmentation of images like the training data; "
-            "not a medical device, not for diagnosis"
-        ),
-        "segments": [
-            {
-                "number": 1,
-                "label": params.segment.label,
-                "category": list(params.segment.category),
-                "property_type": list(params.segment.property_type),
-            }
-        ],
-        "input": "float32 (N, C, *spatial), normalised as 'intensity' says",
-        "output": "int64 (N, *spatial) class labels (see 'labels'); instances as 'task' says",
-        "evaluation": json.loads(summary_path.read_text()),
-        "versions": library_versions(),
-        "medseg_version": __version__,
-    }
-    (target / "model_card.json").write_text(json.dumps(model_card, indent=2))
+    exported = card.model_copy(
+        update={
+            "name": params.register_as or context.stage,
+            "intended_use": (
+                "research use: segmentation of images like the training data; "
+                "not a medical device, not for diagnosis"
+            ),
+            "segments": (SegmentRecord(**params.segment.model_dump()),),
+            "input": "float32 (N, C, *spatial), preprocessed as 'preprocessing' says",
+            "output": "int64 (N, *spatial) class labels (see 'labels'); instances as 'task' says",
+            "evaluation": json.loads(summary_path.read_text()),
+            "versions": library_versions(),
+            "medseg_version": __version__,
+        }
+    )
+    exported.write(target / "model_card.json")
     context.log_artifact(target / "model_card.json")
     metrics = {"export/torchscript_max_abs_diff": parity, "export/onnx_max_abs_diff": onnx_difference}
     if params.mlflow_model:

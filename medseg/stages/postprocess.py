@@ -9,7 +9,6 @@ read them from the card, so every consumer applies the same post-processing.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -40,9 +39,9 @@ def run(
     context: StageContext, params: PostprocessParams, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Choose post-processing on the split; write the model with its updated card."""
+    from medseg.inference.card import PostprocessingRecord
     from medseg.inference.model import CARD_FILE, load_model
     from medseg.inference.predict import class_map, class_probability, predict_logits
-    from medseg.inference.settings import InferenceSettings
     from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
     from medseg.io.dataset import load_case, load_markers, read_index
     from medseg.io.readers import read_image
@@ -53,7 +52,7 @@ def run(
     records = index.split(params.split)
     device = resolve_device(params.device)
     net, card = load_model(model_in, device)
-    current = InferenceSettings.from_card(card)
+    current = card.inference
     for path in model_in.iterdir():
         if path.is_file() and path.name != CARD_FILE:
             _link_or_copy(path, model_out / path.name)
@@ -61,8 +60,8 @@ def run(
         reason = (
             "search disabled (postprocess.search)" if not params.search else f"empty {params.split} split"
         )
-        card["postprocessing"] = {"chosen_by": f"train params ({reason})"}
-        (model_out / CARD_FILE).write_text(json.dumps(card, indent=2))
+        chosen_by = PostprocessingRecord(chosen_by=f"train params ({reason})")
+        card.model_copy(update={"postprocessing": chosen_by}).write(model_out / CARD_FILE)
         return {}
     cases = []
     for number, record in enumerate(records, start=1):
@@ -92,16 +91,17 @@ def run(
         instance_labels=index.instance_labels,
     )
     choice = choose_postprocessing(cases, current, object_sizes=sizes, instance_labels=index.instance_labels)
-    card["inference"] = choice.settings.as_card()
-    card["postprocessing"] = {
-        "chosen_by": f"validation ({params.split} split, {len(cases)} cases)",
-        "measure": choice.measure,
-        "score": choice.chosen.score,
-        "baseline_score": choice.baseline.score,
-        "candidates": len(choice.candidates),
-        "median_training_object_size": float(np.median(sizes)) if sizes.size else None,
-    }
-    (model_out / CARD_FILE).write_text(json.dumps(card, indent=2))
+    record = PostprocessingRecord(
+        chosen_by=f"validation ({params.split} split, {len(cases)} cases)",
+        measure=choice.measure,
+        score=choice.chosen.score,
+        baseline_score=choice.baseline.score,
+        candidates=len(choice.candidates),
+        median_training_object_size=float(np.median(sizes)) if sizes.size else None,
+    )
+    card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
+        model_out / CARD_FILE
+    )
     table = model_out / "postprocessing_candidates.csv"
     with table.open("w", newline="") as handle:
         rows = [candidate.as_row() for candidate in choice.candidates]

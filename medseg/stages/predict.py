@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from medseg.errors import DataError
-from medseg.inference.cohort import OutputFormat
+from medseg.io.cohort import OutputFormat
 from medseg.io.dicom import SeriesRules
 from medseg.params import Params
 from medseg.runner.contract import StageContext, StageSpec
@@ -48,7 +48,7 @@ def run_ingest_images(
     outputs: Mapping[str, Path],
 ) -> dict[str, float]:
     """Read every case of the ``source`` input into ``cases/case_XXXX/image.nii.gz`` (no labels)."""
-    from medseg.inference.cohort import discover_images
+    from medseg.io.cohort import discover_images
     from medseg.io.readers import read_image, write_image
 
     found = discover_images(inputs["source"])
@@ -91,8 +91,8 @@ def run_predict(
     """Segment every case with the exported model; write labels and ``predictions.csv``."""
     import numpy as np
 
-    from medseg.inference.cohort import label_summary
     from medseg.inference.segmenter import Segmenter
+    from medseg.io.cohort import label_summary
     from medseg.io.readers import read_image, write_image
 
     segmenter = Segmenter.from_export(inputs["model"], device=params.device)
@@ -131,11 +131,13 @@ def run_write_masks(
     outputs: Mapping[str, Path],
 ) -> dict[str, float]:
     """Write each case's labels as ``case_XXXX<suffix>``; DICOM SEG references its source series."""
-    from medseg.inference.cohort import OUTPUT_SUFFIX, write_labels
+    from medseg.inference.card import ModelCard
+    from medseg.io.cohort import OUTPUT_SUFFIX, write_labels
     from medseg.io.dicom import index_dicom
     from medseg.io.readers import read_image
 
-    card = json.loads((inputs["model"] / "model_card.json").read_text())
+    card = ModelCard.read(inputs["model"] / "model_card.json")
+    segment = card.segment.info()
     records = _records(inputs["images"])
     series = {}
     if params.format == "dicom-seg":
@@ -154,7 +156,8 @@ def run_write_masks(
                 labels,
                 outputs["masks"] / f"{case_id}{suffix}",
                 params.format,
-                card=card,
+                segment=segment,
+                algorithm=card.name or "unet",
                 series=series.get(str(record["series"])),
             )
         except DataError as exc:

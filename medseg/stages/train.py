@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, read_index
 from medseg.runner.contract import StageContext, StageSpec
 from medseg.training.params import TrainParams
+
+if TYPE_CHECKING:
+    from medseg.inference.card import ModelCard
 
 
 def _training_case(folder: Path, record: CaseRecord, channels: int) -> Any:
@@ -112,8 +115,9 @@ def run(
 
 def model_card(
     context: StageContext, params: TrainParams, index: DatasetIndex, result: Any, counts: dict[str, int]
-) -> dict[str, Any]:
+) -> ModelCard:
     """The card that travels with the weights: what the net predicts and how to use it."""
+    from medseg.inference.card import ModelCard, TrainingRecord
     from medseg.training.targets import target_classes
 
     labels = (
@@ -126,29 +130,29 @@ def model_card(
         if params.target == "foreground"
         else "instance segmentation: background/interior/border U-Net + seeded growing"
     )
-    return {
-        "task": task,
-        "spatial_dims": params.spatial_dims,
-        "in_channels": index.channels,
-        "out_channels": target_classes(params.target),
-        "labels": labels,
-        "net": params.net.model_dump(mode="json"),
-        "inference": params.inference.as_card(),
-        "intensity": index.intensity,
-        "preprocessing": index.preprocessing,
-        "spacing": list(index.cases[0].spacing),
-        "training": {
-            "dataset_digest": context.input_digests["dataset"],
-            "train_cases": counts["train"],
-            "val_cases": counts["val"],
-            "epochs": params.epochs,
-            "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            f"best_val_{params.select_on}": result.best_metric,
-            "loss": params.loss.name,
-            "seed": context.seed,
-        },
-    }
+    return ModelCard(
+        task=task,
+        spatial_dims=params.spatial_dims,
+        in_channels=index.channels,
+        out_channels=target_classes(params.target),
+        labels=labels,
+        net=params.net,
+        inference=params.inference,
+        preprocessing=index.preprocessing,
+        spacing=index.cases[0].spacing,
+        training=TrainingRecord(
+            dataset_digest=context.input_digests["dataset"],
+            train_cases=counts["train"],
+            val_cases=counts["val"],
+            epochs=params.epochs,
+            epochs_run=result.epochs_run,
+            best_epoch=result.best_epoch,
+            select_on=params.select_on,
+            best_val=result.best_metric,
+            loss=params.loss.name,
+            seed=context.seed,
+        ),
+    )
 
 
 STAGE = StageSpec(

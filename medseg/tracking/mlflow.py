@@ -13,12 +13,15 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
 from medseg.errors import TrackingError
 from medseg.tracking.base import ModelInfo, RunStatus
+
+if TYPE_CHECKING:
+    from medseg.inference.card import ModelCard
 
 # MLflow 3 sends usage telemetry by default; a hospital's tracking never leaves the hospital.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -169,9 +172,11 @@ class MlflowTracker:
         """
         from mlflow.models import infer_signature
 
+        from medseg.inference.card import ModelCard
+
         mlflow = self._mlflow
         signature = infer_signature(input_example, output_example)
-        card = json.loads((model_dir / "model_card.json").read_text())
+        card = ModelCard.read(model_dir / "model_card.json")
         with _fluent_tracking_uri(mlflow, self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -257,29 +262,30 @@ def download_model(source: str, tracking_uri: str, destination: Path) -> Path:
     return local / "artifacts"
 
 
-def _card_summary(card: Mapping[str, Any]) -> str:
+def _card_summary(card: ModelCard) -> str:
     """The registered version's description: what the model does and how it scored."""
-    evaluation = card.get("evaluation", {})
     scores = ", ".join(
-        f"{name} {float(value):.3f}" for name, value in evaluation.items() if isinstance(value, int | float)
+        f"{name} {float(value):.3f}"
+        for name, value in (card.evaluation or {}).items()
+        if isinstance(value, int | float)
     )
     return (
-        f"{card.get('task', 'segmentation')}; {card['spatial_dims']}D, labels {card.get('labels')}; "
-        f"intensity {card.get('intensity', {}).get('method')}; spacing {card.get('spacing')} mm; "
-        f"test-set {scores or 'not evaluated'}. Intended use: {card.get('intended_use', 'research')}. "
+        f"{card.task}; {card.spatial_dims}D, labels {card.labels}; "
+        f"intensity {card.preprocessing.normalize.method}; spacing {list(card.spacing)} mm; "
+        f"test-set {scores or 'not evaluated'}. Intended use: {card.intended_use or 'research'}. "
         "Full card: artifacts/model_card.json"
     )
 
 
-def _card_tags(card: Mapping[str, Any]) -> dict[str, str]:
+def _card_tags(card: ModelCard) -> dict[str, str]:
     """Searchable ``medseg.*`` tags of a registered version."""
     return {
-        "medseg.task": str(card.get("task", "")),
-        "medseg.spatial_dims": str(card["spatial_dims"]),
-        "medseg.labels": json.dumps(card.get("labels", {})),
-        "medseg.spacing_mm": json.dumps(card.get("spacing")),
-        "medseg.training_data_digest": str(card.get("training", {}).get("dataset_digest", "")),
-        "medseg.version": str(card.get("medseg_version", "")),
+        "medseg.task": card.task,
+        "medseg.spatial_dims": str(card.spatial_dims),
+        "medseg.labels": json.dumps(card.labels),
+        "medseg.spacing_mm": json.dumps(list(card.spacing)),
+        "medseg.training_data_digest": card.training.dataset_digest,
+        "medseg.version": card.medseg_version or "",
     }
 
 

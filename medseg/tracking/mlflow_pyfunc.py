@@ -7,7 +7,6 @@ MLflow executes this file when loading the model; the model is not pickled. Inpu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,10 @@ class TorchScriptSegmenter(PythonModel):
         """Load the TorchScript module and the model card."""
         import torch
 
+        from medseg.inference.card import ModelCard
+
         self._module = torch.jit.load(context.artifacts["torchscript"], map_location="cpu").eval()
-        self._card = json.loads(Path(context.artifacts["card"]).read_text())
+        self._inference = ModelCard.read(Path(context.artifacts["card"])).inference
 
     def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
         """Return class labels ``(N, *spatial)`` for images ``(N, C, *spatial)``."""
@@ -36,10 +37,10 @@ class TorchScriptSegmenter(PythonModel):
         with torch.inference_mode():
             logits = sliding_window_inference(
                 images,
-                roi_size=tuple(self._card["inference"]["roi_size"]),
+                roi_size=self._inference.roi_size,
                 sw_batch_size=4,
                 predictor=self._module,
-                overlap=float(self._card["inference"]["overlap"]),
+                overlap=self._inference.overlap,
                 mode="gaussian",
             )
         return logits.argmax(dim=1).numpy().astype(np.int64)

@@ -238,7 +238,7 @@ def train_segmentation(
     """
     from monai.data import Dataset
 
-    from medseg.transforms.presets import train_transforms
+    from medseg.training.augment import train_transforms
 
     if not train_cases:
         raise DataError("the train split is empty; add labelled cases or lower the split fractions")

@@ -50,7 +50,7 @@ def test_registered_version_has_alias_card_and_loads_from_every_source(registere
         "task",
         "labels",
         "spacing",
-        "intensity",
+        "preprocessing",
         "training",
         "evaluation",
         "versions",
@@ -78,10 +78,12 @@ def test_registered_version_has_alias_card_and_loads_from_every_source(registere
         f"runs:/{export_run}/model",
         result.parent_run_id,
     ):
-        loaded = medseg.Segmenter.load(source, tracking_uri=result.tracking_uri)
+        loaded = medseg.Segmenter.load(source, resolver=medseg.model_registry(result.tracking_uri))
         np.testing.assert_array_equal(loaded.predict(image).array, expected, err_msg=source)
     with pytest.raises(medseg.TrackingError, match="phantom-cells@missing"):
-        medseg.Segmenter.load("models:/phantom-cells@missing", tracking_uri=result.tracking_uri)
+        medseg.Segmenter.load(
+            "models:/phantom-cells@missing", resolver=medseg.model_registry(result.tracking_uri)
+        )
 
 
 def test_concurrent_predictions_equal_sequential_ones(registered):
@@ -108,7 +110,7 @@ def test_flip_tta_averages_over_mirrors(registered):
 
     _, data, result = registered
     segmenter = medseg.Segmenter.from_export(result.outputs["export"]["export"])
-    roi = tuple(segmenter.card["inference"]["roi_size"])
+    roi = segmenter.card.inference.roi_size
     image = read_image(data / "01" / "t004.tif").array[
         :, : roi[0], : roi[1]
     ]  # one window: no tiling asymmetry
@@ -222,5 +224,5 @@ def test_bad_models_and_inputs_are_refused_clearly(registered, tmp_path):
     (empty / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(medseg.DataError, match="0 image series"):
         segmenter.predict(empty)
-    with pytest.raises(medseg.DataError, match="tracking URI"):
+    with pytest.raises(medseg.DataError, match="model registry"):
         medseg.Segmenter.load("models:/phantom-cells/1")

@@ -12,7 +12,8 @@ import pydicom
 import pytest
 
 import medseg
-from medseg.inference.cohort import discover_images, predict_cohort, write_labels
+from medseg.inference.cohort import predict_cohort
+from medseg.io.cohort import discover_images, write_labels
 from medseg.io.dicom import find_series, read_dicom_seg
 from medseg.io.geometry import resample_to_grid
 from medseg.io.readers import read_image
@@ -26,14 +27,12 @@ CT_3SLICE = SHARED_DATA / "dicom" / "dcmqi-segmentations" / "ct-3slice"
 def test_labels_round_trip_through_dicom_seg_and_nifti_in_source_geometry(identified_ct, tmp_path):
     folder, series_uid = identified_ct
     source = read_image(folder)
-    segmenter = threshold_segmenter(None)
+    segmenter = threshold_segmenter(None, name="body", segments=[{"number": 1, "label": "body"}])
     labels = segmenter.predict(folder)  # body (> -500 HU): a known answer
     assert labels.spatial_shape == source.spatial_shape == (512, 512, 20)
     np.testing.assert_array_equal(labels.affine, source.affine)
     np.testing.assert_array_equal(labels.array[0] > 0, source.array[0] > -500)
 
-    card = {"name": "body", "segments": [{"number": 1, "label": "body"}]}
-    segmenter.card.update(card)
     seg_path = segmenter.write_dicom_seg(labels, folder, tmp_path / "body.dcm")
     back = read_dicom_seg(seg_path)  # highdicom
     np.testing.assert_allclose(back.affine, labels.affine, atol=1e-6)
@@ -54,7 +53,7 @@ def test_labels_round_trip_through_dicom_seg_and_nifti_in_source_geometry(identi
     assert dataset.Manufacturer == "medseg"
     assert hd.seg.segread(seg_path).number_of_segments == 1
 
-    nifti = write_labels(labels, tmp_path / "body.nii.gz", "nifti", card=card)
+    nifti = segmenter.write_labels(labels, tmp_path / "body.nii.gz", "nifti")
     image = nib.load(nifti)
     np.testing.assert_allclose(image.affine, labels.affine, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(image.dataobj), labels.array[0])
@@ -66,8 +65,7 @@ def test_labels_round_trip_through_dicom_seg_and_nifti_in_source_geometry(identi
 @pytest.mark.parametrize("series", ["identified", "3slice"])
 def test_written_seg_is_valid_for_dciodvfy(identified_ct, series, tmp_path):
     folder = identified_ct[0] if series == "identified" else require(CT_3SLICE)
-    segmenter = threshold_segmenter(None)
-    segmenter.card["inference"]["roi_size"] = [32, 32, 3]
+    segmenter = threshold_segmenter(None, roi=(32, 32, 3))
     results = predict_cohort(segmenter, discover_images(folder), tmp_path / "out", "dicom-seg")
     assert results[0].error is None and results[0].voxels > 0
     check = subprocess.run(["dciodvfy", str(results[0].path)], capture_output=True, text=True, check=False)
@@ -80,7 +78,7 @@ def test_written_seg_is_valid_for_dciodvfy(identified_ct, series, tmp_path):
 def test_anonymised_series_without_uids_is_refused_before_writing(tmp_path):
     labels = threshold_segmenter(None).predict(require(CT_SERIES))
     with pytest.raises(medseg.DataError, match="StudyInstanceUID is empty"):
-        write_labels(labels, tmp_path / "x.dcm", "dicom-seg", card={}, series=find_series(CT_SERIES))
+        write_labels(labels, tmp_path / "x.dcm", "dicom-seg", series=find_series(CT_SERIES))
     assert not list(tmp_path.iterdir())
 
 
@@ -89,7 +87,7 @@ def test_labels_off_the_source_grid_are_refused(identified_ct, tmp_path):
     labels = threshold_segmenter(None).predict(folder)
     shifted = medseg.Volume(labels.array, labels.affine + np.pad(np.eye(3)[:, :1] * 5, ((0, 1), (3, 0))))
     with pytest.raises(medseg.DataError, match="origin"):
-        write_labels(shifted, tmp_path / "x.dcm", "dicom-seg", card={}, series=find_series(folder))
+        write_labels(shifted, tmp_path / "x.dcm", "dicom-seg", series=find_series(folder))
 
 
 def test_predict_cli_writes_dicom_seg_for_a_series(identified_ct, tmp_path):

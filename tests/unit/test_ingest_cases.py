@@ -10,7 +10,8 @@ import pytest
 from medseg.errors import DataError
 from medseg.io.dataset import load_case
 from medseg.io.geometry import resample_to_spacing
-from medseg.io.ingest import IngestParams, NormalizeParams, ingest_dataset, normalize_intensity
+from medseg.io.ingest import IngestParams, ingest_dataset
+from medseg.io.preprocessing import NormalizeParams, normalize_intensity
 from medseg.io.readers import write_image
 from medseg.io.volume import Volume, affine_from_spacing
 from tests.conftest import SHARED_DATA, require

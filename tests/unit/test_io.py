@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from medseg.errors import DataError
-from medseg.io.ingest import NormalizeParams, SplitParams, normalize_intensity, split_cases
+from medseg.io.ingest import SplitParams, split_cases
 from medseg.io.layouts import discover_ctc, discover_paired, is_fully_annotated
+from medseg.io.preprocessing import NormalizeParams, normalize_intensity
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume, affine_from_spacing
 from tests.conftest import GOWT1, require

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from medseg.errors import DataError
+from medseg.inference.card import CARD_VERSION, ModelCard
 from medseg.inference.segmenter import Segmenter
 from medseg.io.geometry import to_ras
 from medseg.io.readers import read_image
@@ -23,21 +27,31 @@ class Threshold(torch.nn.Module):
         return torch.cat([-(image + 500), image + 500], dim=1)
 
 
-def threshold_segmenter(spacing: list[float] | None) -> Segmenter:
-    card = {
+def threshold_segmenter(
+    spacing: list[float] | None, roi: tuple[int, ...] = (32, 32, 16), **card: object
+) -> Segmenter:
+    """A ``Segmenter`` of the ``Threshold`` net; ``card`` overrides fields of its model card."""
+    document = {
         "spatial_dims": 3,
         "in_channels": 1,
-        "intensity": {"method": "none"},
-        "preprocessing": {"orientation": "RAS", "spacing": spacing},
+        "out_channels": 2,
+        "net": {"channels": [4, 8], "strides": [2]},
+        "preprocessing": {
+            "spatial_dims": 3,
+            "channels": 1,
+            "spacing": spacing,
+            "normalize": {"method": "none"},
+        },
         "inference": {
-            "roi_size": [32, 32, 16],
+            "roi_size": list(roi),
             "overlap": 0.25,
             "min_object_size": 0,
             "fill_holes": False,
             "target": "foreground",
         },
+        **card,
     }
-    return Segmenter(torch.jit.script(Threshold()), card)
+    return Segmenter(torch.jit.script(Threshold()), ModelCard.parse(document))
 
 
 def flipped(volume: Volume) -> Volume:
@@ -93,3 +107,40 @@ def test_class_map_equals_argmax_in_slabs(classes):
     for slab in (1, 15, 10_000):  # one row per slab, several rows, the whole volume
         result = class_map(logits, voxels_per_slab=slab)
         assert result.dtype == np.uint8 and np.array_equal(result, expected)
+
+
+VERSION_1_CARD = {  # as medseg wrote cards before the card had a version (train stage v3)
+    "task": "instance segmentation: foreground U-Net + connected components",
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "labels": {"0": "background", "1": "foreground"},
+    "net": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+    "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "min_object_size": 5, "fill_holes": False},
+    "intensity": {"method": "ct", "window": [-1000.0, 1000.0]},
+    "preprocessing": {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0]},
+    "spacing": [1.5, 1.5, 3.0],
+    "training": {"dataset_digest": "abc", "best_epoch": 7, "best_val_seg": 0.81, "loss": "dice_ce"},
+    "postprocessing": {"chosen_by": "train params (search disabled)"},
+}
+
+
+def test_a_version_1_card_is_migrated_and_round_trips(tmp_path):
+    card = ModelCard.parse(VERSION_1_CARD)
+    assert card.card_version == CARD_VERSION == 2
+    assert card.preprocessing.normalize.method == "ct" and card.preprocessing.normalize.window == (
+        -1000.0,
+        1000.0,
+    )
+    assert card.preprocessing.spacing == (4.0, 4.0, 4.0) and card.preprocessing.orientation == "RAS"
+    assert (card.preprocessing.spatial_dims, card.preprocessing.channels) == (3, 1)
+    assert (card.training.select_on, card.training.best_val, card.training.best_epoch) == ("seg", 0.81, 7)
+    assert card.inference.roi_size == (32, 32, 16) and card.inference.target == "foreground"
+    assert ModelCard.read(card.write(tmp_path / "model.json")) == card
+
+
+def test_a_wrong_card_field_is_named(tmp_path):
+    path = tmp_path / "model_card.json"
+    path.write_text(json.dumps({**VERSION_1_CARD, "inference": {"overlap": 0.25}}))
+    with pytest.raises(DataError, match=r"model_card.json: inference.roi_size: .*re-export"):
+        ModelCard.read(path)

@@ -288,7 +288,6 @@ def index_of(**overrides):
         "channels": 1,
         "labels": {"0": "background", "1": "foreground"},
         "instance_labels": True,
-        "intensity": {},
         "cases": (case,),
         "splits": {"train": ["case_0001"], "val": [], "test": []},
         **overrides,

@@ -1,1 +1,0 @@
-"""MONAI dictionary transform presets built from params."""
