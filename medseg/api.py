@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from medseg.collective import Collective
 from medseg.errors import TrackingError
 from medseg.io.volume import Volume
 from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
 from medseg.runner.contract import ProgressCallback
-from medseg.runner.distributed import Collective
-from medseg.runner.engine import PlannedStage, Runner, StageEvent, Workspace
+from medseg.runner.engine import Runner
+from medseg.runner.outcome import PlannedStage, StageEvent
 from medseg.runner.spec import ResolvedWorkflow, load_workflow
+from medseg.runner.workspace import Workspace
 from medseg.stages import REGISTRY
 from medseg.tracking.base import NullTracker, Tracker
 from medseg.tracking.resilient import URI_FILE, ResilientTracker, replay_journal
@@ -33,7 +35,6 @@ T = TypeVar("T")
 _MaskItem = tuple[str, Volume | np.ndarray, Volume | np.ndarray | None, Volume | np.ndarray | None, str]
 """(case name, prediction, reference or None, markers or None, where: for messages)."""
 DEFAULT_WORKSPACE = Path(".medseg")
-JOURNAL_DIR = "tracking-journal"
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[Resili
     """
     from medseg.tracking.mlflow import MlflowTracker, redact_uri
 
-    journal = workspace.root / JOURNAL_DIR / uuid.uuid4().hex
+    journal = workspace.journal_dir / uuid.uuid4().hex
     if tracking_uri:
         if any(os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN")):
             refuse_clear_text_credentials(tracking_uri, "MLflow tracking", os.environ)
@@ -121,7 +122,7 @@ def sync_tracking(*, workspace: str | Path = DEFAULT_WORKSPACE, tracking_uri: st
     """
     from medseg.tracking.mlflow import MlflowTracker
 
-    root = Path(workspace) / JOURNAL_DIR
+    root = Workspace(Path(workspace)).journal_dir
     journals = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
     for journal in journals:
         uri = tracking_uri or (journal / URI_FILE).read_text()

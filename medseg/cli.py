@@ -88,7 +88,7 @@ def _quiet_libraries() -> None:
 
 def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) -> Any:
     from medseg.api import run_workflow
-    from medseg.runner.distributed import collective_from_environment, leave
+    from medseg.collective import collective_from_environment, leave
 
     collective = collective_from_environment()
     try:
@@ -230,6 +230,7 @@ def demo(
     """Generate a phantom cell dataset and run the demo workflow on it end to end."""
     from medseg.demo import write_phantom_ctc
     from medseg.resources import shipped_dir
+    from medseg.runner.workspace import Workspace
 
     _quiet_libraries()
     directory.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,7 @@ def demo(
     with _errors():
         result = _run_with_progress(workflow, workspace, None)
     _print_result(result)
-    db = (workspace / "mlflow.db").resolve()
+    db = Workspace(workspace).mlflow_db.resolve()
     console.print(
         "\nBrowse the runs in the MLflow UI:\n"
         f"  MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"
@@ -363,7 +364,7 @@ def predict(
     from medseg.inference.cohort import predict_cohort
     from medseg.inference.segmenter import Segmenter
     from medseg.io.cohort import OUTPUT_SUFFIX, discover_images
-    from medseg.runner.engine import Workspace
+    from medseg.runner.workspace import Workspace
 
     _quiet_libraries()
     if output_format not in OUTPUT_SUFFIX:
@@ -404,7 +405,7 @@ def cache_gc(
 ) -> None:
     """Delete cache entries not used by the given workflows (and leftover temp and checkpoint folders)."""
     from medseg.api import workflow_status
-    from medseg.runner.cache import StageCache
+    from medseg.runner.workspace import Workspace
 
     with _errors():
         keys = {
@@ -413,14 +414,11 @@ def cache_gc(
             for stage in workflow_status(path, workspace=workspace)
             if stage.key
         }
-        removed = StageCache(workspace / "cache").gc(keys)
-        scratch = workspace / "scratch"
-        abandoned = [path for path in scratch.iterdir() if path.name not in keys] if scratch.is_dir() else []
-        for path in abandoned:  # checkpoints of runs that died and that no kept workflow can resume
-            shutil.rmtree(path)
-    console.print(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}; kept {len(keys)}")
-    if abandoned:
-        console.print(f"removed {len(abandoned)} unfinished run checkpoint folder(s) from scratch/")
+        removed = Workspace(workspace).collect_garbage(keys)
+    entries = removed.cache_entries
+    console.print(f"removed {entries} cache entr{'y' if entries == 1 else 'ies'}; kept {len(keys)}")
+    if removed.scratch_folders:
+        console.print(f"removed {removed.scratch_folders} unfinished run checkpoint folder(s) from scratch/")
 
 
 @tracking_app.command("sync")

@@ -16,7 +16,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -196,7 +196,7 @@ class StageCache:
             ) from exc
 
     @contextmanager
-    def staging(self, key: str, outputs: tuple[str, ...]) -> Iterator[dict[str, Path]]:
+    def staging(self, key: str, outputs: Iterable[str]) -> Iterator[dict[str, Path]]:
         """Yield fresh output directories (name → dir) in one temp dir, removed on exit.
 
         The caller commits with :meth:`commit` inside the block; whatever is not committed

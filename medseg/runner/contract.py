@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from medseg.params import Params
 from medseg.tracking.base import ModelInfo, Tracker
+
+P = TypeVar("P", bound=Params)
 
 
 class ProgressCallback(Protocol):
@@ -77,32 +82,74 @@ class StageContext:
         return self.tracker.log_model(self.run_id, model_dir, **kwargs)
 
 
-StageRun = Callable[[StageContext, Any, Mapping[str, Path], Mapping[str, Path]], dict[str, float]]
-"""``run(context, params, inputs, outputs) -> metrics``: inputs and outputs are directories."""
+class Kind(StrEnum):
+    """What a stage input or output holds; wiring is checked by kind before any work.
+
+    Each kind has one reader and one writer:
+
+    - ``source``: files as the user has them (a workflow input, a PACS retrieval); read by the
+      layouts of ``io.layouts`` / ``io.cohort.discover_images``.
+    - ``dataset``: ``dataset.json`` + ``cases/`` (``io.dataset.read_index`` / ``write_index``).
+    - ``model``: ``weights.pt`` + ``model.json`` (``inference.model.load_model`` / ``save_model``).
+    - ``export``: ``weights.pt``, ``model_card.json``, ``model.ts``, ``model.onnx``
+      (``Segmenter.from_export``; written by the export stage). An export is also a model.
+    - ``report``: ``summary.json``, ``cases.csv``, ``report.html`` (``metrics.report``).
+    - ``images``: ``images.json`` + ``cases/`` as read for prediction (``stages.predict``).
+    - ``labels``: ``predictions.csv`` + ``cases/<id>/label.nii.gz`` (``stages.predict``).
+    - ``masks``: mask files, one per case (``io.cohort.write_labels``).
+    - ``receipt``: what was stored where (``stages.pacs``).
+    """
+
+    SOURCE = "source"
+    DATASET = "dataset"
+    MODEL = "model"
+    EXPORT = "export"
+    REPORT = "report"
+    IMAGES = "images"
+    LABELS = "labels"
+    MASKS = "masks"
+    RECEIPT = "receipt"
+
+    def satisfies(self, wanted: Kind) -> bool:
+        """Whether an artifact of this kind may feed an input that wants ``wanted``."""
+        return self is wanted or (self is Kind.EXPORT and wanted is Kind.MODEL)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage type: name, version, params model, named inputs/outputs and its run function.
+def ports(**kinds: Kind) -> Mapping[str, Kind]:
+    """A stage's inputs or outputs, name → kind, read-only: ``ports(dataset=Kind.DATASET)``."""
+    return MappingProxyType(kinds)
 
-    Bump ``version`` on any change of behaviour: it is part of the cache key.
-    ``pure`` is False for stages whose result depends on more than their inputs (a live
-    PACS query); their outputs are still digested so that downstream caching holds.
+
+class Stage(ABC, Generic[P]):
+    """A stage type: name, version, params model, typed inputs/outputs and ``execute``.
+
+    Subclass it, set the class attributes and implement ``execute``; add an instance to
+    ``medseg.stages.REGISTRY``. Bump ``version`` on any change of behaviour: it is part of the
+    cache key. ``pure`` is False for stages whose result depends on more than their inputs (a
+    live PACS query); their outputs are still digested so that downstream caching holds.
     ``distributed`` stages run on every rank of a ``torchrun`` launch (see
     ``runner.distributed``); the others run on rank 0 only.
     """
 
-    name: str
-    version: int
-    params: type[Params]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    run: StageRun
-    pure: bool = True
-    distributed: bool = False
-    description: str = ""
+    name: ClassVar[str]
+    version: ClassVar[int]
+    params: ClassVar[type[Params]]
+    inputs: ClassVar[Mapping[str, Kind]] = MappingProxyType({})
+    outputs: ClassVar[Mapping[str, Kind]]
+    pure: ClassVar[bool] = True
+    distributed: ClassVar[bool] = False
+    description: ClassVar[str] = ""
 
-    def __post_init__(self) -> None:
-        """Check that the stage declares at least one output."""
-        if not self.outputs:
-            raise ValueError(f"stage {self.name} must declare at least one output")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check that a concrete stage declares at least one output."""
+        super().__init_subclass__(**kwargs)
+        if "outputs" in cls.__dict__ and not cls.outputs:
+            raise ValueError(
+                f"stage {cls.__dict__.get('name', cls.__name__)} must declare at least one output"
+            )
+
+    @abstractmethod
+    def execute(
+        self, context: StageContext, params: P, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+    ) -> dict[str, float]:
+        """Run the stage: read ``inputs``, write ``outputs`` (directories), return summary metrics."""

@@ -1,4 +1,10 @@
-"""Execute a resolved workflow: plan cache keys, run or reuse each stage, track everything."""
+"""Execute a resolved workflow: plan cache keys, run or reuse each stage, track everything.
+
+``Runner.run`` opens the parent run and walks the stages; each stage is either reused
+(``_reuse``: a tracked cache hit) or executed (``_execute``: its tracked run around
+``_produce``, the cache part that calls ``Stage.execute`` and commits the outputs).
+Rank > 0 of a ``torchrun`` launch follows rank 0 (``runner.distributed.follow``).
+"""
 
 from __future__ import annotations
 
@@ -6,120 +12,42 @@ import json
 import platform
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from medseg._version import __version__
+from medseg.collective import Collective
 from medseg.errors import MedsegError, StageError
-from medseg.runner.cache import DigestMemo, Manifest, StageCache, cache_key, library_versions
+from medseg.runner.cache import DigestMemo, Manifest, cache_key, library_versions
 from medseg.runner.contract import ProgressCallback, StageContext
-from medseg.runner.distributed import Collective
+from medseg.runner.distributed import follow
 from medseg.runner.lifecycle import Lease, open_lease, reclaim
+from medseg.runner.outcome import PlannedStage, RunOutcome, StageEvent, StageOutcome
 from medseg.runner.spec import ResolvedStage, ResolvedWorkflow
-from medseg.tracking.base import NullTracker, Tracker, flatten_params
+from medseg.runner.workspace import Workspace
+from medseg.tracking.base import Tracker, flatten_params
 from medseg.tracking.redact import RedactingTracker, Redactor
 
-StageState = Literal["cached", "will run", "blocked"]
+Produced = dict[str, StageOutcome | PlannedStage]
+"""Stages handled so far in a run or plan, by name."""
 
-
-@dataclass(frozen=True)
-class Workspace:
-    """A folder holding the stage cache, the private case maps and the embedded MLflow store."""
-
-    root: Path
-
-    @property
-    def cache_dir(self) -> Path:
-        """Committed stage outputs."""
-        return self.root / "cache"
-
-    @property
-    def private_dir(self) -> Path:
-        """Data that must never be logged (maps from case ids to sources)."""
-        return self.root / "private"
-
-    @property
-    def leases_dir(self) -> Path:
-        """Leases of live workflow runs (see ``runner.lifecycle``)."""
-        return self.root / "leases"
-
-    @property
-    def digest_memo(self) -> Path:
-        """The memo of file digests: it holds source paths, so it lives in ``private/``."""
-        return self.private_dir / "digests.sqlite"
-
-    @property
-    def scratch_dir(self) -> Path:
-        """Per-execution state that outlives a failed run (training checkpoints)."""
-        return self.root / "scratch"
-
-    @property
-    def mlflow_db(self) -> Path:
-        """The embedded SQLite tracking store."""
-        return self.root / "mlflow.db"
-
-    @property
-    def artifact_root(self) -> Path:
-        """Artifacts of the embedded tracking store."""
-        return self.root / "mlartifacts"
-
-    @property
-    def default_tracking_uri(self) -> str:
-        """``sqlite:///`` URI of the embedded store."""
-        return f"sqlite:///{self.mlflow_db.resolve()}"
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    """A stage's status before running: its key when computable, and whether it is cached."""
-
-    name: str
-    key: str | None
-    state: StageState
+Resolved = tuple[dict[str, str], dict[str, Path]]
+"""A stage's input digests and input folders, by input name."""
 
 
 @dataclass
-class StageOutcome:
-    """What happened to one stage in a run."""
+class _Job:
+    """One workflow run on rank 0: what every stage execution in it shares."""
 
-    name: str
-    key: str
-    cache_hit: bool
-    run_id: str
-    producer_run_id: str
-    metrics: dict[str, float]
-    seconds: float
-    outputs: dict[str, Path]
-
-
-@dataclass
-class RunOutcome:
-    """The result of one workflow run."""
-
-    workflow: str
-    parent_run_id: str
-    stages: list[StageOutcome] = field(default_factory=list)
-
-    @property
-    def executed(self) -> list[str]:
-        """Names of stages that ran (not cache hits)."""
-        return [stage.name for stage in self.stages if not stage.cache_hit]
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """All stages' summary metrics, merged."""
-        merged: dict[str, float] = {}
-        for stage in self.stages:
-            merged.update(stage.metrics)
-        return merged
-
-
-StageEvent = Callable[[str, str], None]
-"""``on_event(stage, message)``: a stage started, was reused, or finished."""
+    workflow: ResolvedWorkflow
+    tracker: RedactingTracker
+    parent: str
+    memo: DigestMemo
+    lease: Lease
+    resumable: dict[str, str]
+    notify: StageEvent
+    progress: ProgressCallback | None
 
 
 class Runner:
@@ -127,17 +55,13 @@ class Runner:
 
     def __init__(self, workspace: Workspace, collective: Collective | None = None) -> None:
         self.workspace = workspace
-        self.cache = StageCache(workspace.cache_dir)
+        self.cache = workspace.cache()
         self.versions = library_versions()
         self.collective = collective or Collective()
 
-    def _resolve_inputs(
-        self,
-        stage: ResolvedStage,
-        workflow: ResolvedWorkflow,
-        memo: DigestMemo,
-        produced: dict[str, StageOutcome | PlannedStage],
-    ) -> tuple[dict[str, str], dict[str, Path]] | None:
+    def resolve_inputs(
+        self, stage: ResolvedStage, workflow: ResolvedWorkflow, memo: DigestMemo, produced: Produced
+    ) -> Resolved | None:
         """Digests and directories of a stage's inputs; ``None`` if an upstream is not cached."""
         digests: dict[str, str] = {}
         paths: dict[str, Path] = {}
@@ -155,7 +79,8 @@ class Runner:
             paths[input_name] = self.cache.entry(manifest.key) / output
         return digests, paths
 
-    def _key(self, stage: ResolvedStage, seed: int, digests: dict[str, str]) -> str:
+    def key(self, stage: ResolvedStage, seed: int, digests: dict[str, str]) -> str:
+        """The cache key of ``stage`` with these input digests."""
         return cache_key(
             stage=stage.spec.name,
             version=stage.spec.version,
@@ -165,17 +90,45 @@ class Runner:
             versions=self.versions,
         )
 
+    def outputs(self, key: str, stage: ResolvedStage) -> dict[str, Path]:
+        """The committed output folders of execution ``key``."""
+        return {name: self.cache.entry(key) / name for name in stage.spec.outputs}
+
+    def context(
+        self,
+        workflow: ResolvedWorkflow,
+        stage: ResolvedStage,
+        key: str,
+        digests: dict[str, str],
+        tracker: Tracker,
+        run_id: str,
+        progress: ProgressCallback | None,
+    ) -> StageContext:
+        """What a stage execution of ``key`` receives besides params, inputs and outputs."""
+        return StageContext(
+            stage=stage.name,
+            key=key,
+            input_digests=digests,
+            seed=workflow.seed,
+            tracker=tracker,
+            run_id=run_id,
+            private_dir=self.workspace.private_dir,
+            scratch_dir=self.workspace.scratch(key),
+            on_private=tracker.redactor.add_sources if isinstance(tracker, RedactingTracker) else None,
+            **({"progress": progress} if progress else {}),
+        )
+
     def plan(self, workflow: ResolvedWorkflow) -> list[PlannedStage]:
         """Which stages are cached and which will run, without running anything."""
         memo = DigestMemo(self.workspace.digest_memo)
-        produced: dict[str, StageOutcome | PlannedStage] = {}
+        produced: Produced = {}
         try:
             for stage in workflow.stages:
-                resolved = self._resolve_inputs(stage, workflow, memo, produced)
+                resolved = self.resolve_inputs(stage, workflow, memo, produced)
                 if resolved is None:
                     produced[stage.name] = PlannedStage(stage.name, None, "will run")
                     continue
-                key = self._key(stage, workflow.seed, resolved[0])
+                key = self.key(stage, workflow.seed, resolved[0])
                 cached = stage.spec.pure and self.cache.manifest(key) is not None
                 produced[stage.name] = PlannedStage(stage.name, key, "cached" if cached else "will run")
         finally:
@@ -199,13 +152,35 @@ class Runner:
         as KILLED, and a stage that resumes from its checkpoint keeps logging into its run.
         """
         if self.collective.rank > 0:
-            return self._follow(workflow, progress)
-        notify = on_event or (lambda stage, message: None)
+            return follow(self, workflow, progress)
+        job = self._open(workflow, tracker, on_event or (lambda stage, message: None), progress, store)
+        try:
+            outcome = self._run_stages(job)
+        except BaseException as exc:
+            job.tracker.set_tags(job.parent, {"medseg.error": _one_line(exc)})
+            job.tracker.end_run(job.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        else:
+            job.tracker.end_run(job.parent, "FINISHED")
+        finally:
+            job.memo.close()
+            job.lease.close()
+        return outcome
+
+    def _open(
+        self,
+        workflow: ResolvedWorkflow,
+        tracker: Tracker,
+        notify: StageEvent,
+        progress: ProgressCallback | None,
+        store: str,
+    ) -> _Job:
+        """Start the parent run (behind the redaction boundary), reclaim killed runs, take a lease."""
         redactor = Redactor()
         for name, path in workflow.input_paths.items():
             redactor.add_input(name, path)
-        tracker = RedactingTracker(tracker, redactor)
-        parent = tracker.start_run(
+        redacting = RedactingTracker(tracker, redactor)
+        parent = redacting.start_run(
             experiment=workflow.experiment,
             name=workflow.name,
             tags={
@@ -215,253 +190,157 @@ class Runner:
                 "medseg.version": __version__,
             },
         )
-        outcome = RunOutcome(workflow=workflow.name, parent_run_id=parent)
+        leases = self.workspace.leases_dir
+        resumable = reclaim(leases, redacting, parent, store)
+        lease = open_lease(leases, parent, store)
         memo = DigestMemo(self.workspace.digest_memo)
-        resumable = reclaim(self.workspace.leases_dir, tracker, parent, store)
-        lease = open_lease(self.workspace.leases_dir, parent, store)
-        try:
-            self._log_parent(workflow, tracker, parent)
-            produced: dict[str, StageOutcome | PlannedStage] = {}
-            for stage in workflow.stages:
-                resolved = self._resolve_inputs(stage, workflow, memo, produced)
-                if resolved is None:
-                    raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
-                try:
-                    result = self._run_stage(
-                        workflow, stage, resolved, memo, tracker, parent, notify, progress, lease, resumable
-                    )
-                except BaseException:
-                    if not stage.spec.distributed:  # the other ranks wait for word from rank 0
-                        self.collective.agree(False)
-                    raise
-                self.collective.agree(True)
-                produced[stage.name] = result
-                outcome.stages.append(result)
-            tracker.log_metrics(parent, outcome.metrics)
-            tracker.set_tags(
-                parent,
-                {
-                    "medseg.stages_executed": ",".join(outcome.executed) or "none",
-                    "medseg.cache_hits": str(len(outcome.stages) - len(outcome.executed)),
-                },
-            )
-        except BaseException as exc:
-            tracker.set_tags(parent, {"medseg.error": _one_line(exc)})
-            tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            lease.close()
-            raise
-        finally:
-            memo.close()
-        tracker.end_run(parent, "FINISHED")
-        lease.close()
-        return outcome
+        return _Job(workflow, redacting, parent, memo, lease, resumable, notify, progress)
 
-    def _follow(self, workflow: ResolvedWorkflow, progress: ProgressCallback | None) -> RunOutcome:
-        """Rank > 0 of a ``torchrun`` launch: train with rank 0, wait for it on other stages.
-
-        Nothing is tracked or committed here; outputs of distributed stages are discarded
-        (rank 0 writes them). Returns the stages as rank 0 committed them.
-        """
-        outcome = RunOutcome(workflow=workflow.name, parent_run_id="")
-        memo = DigestMemo(None)  # rank 0 holds the workspace memo open for writing
-        produced: dict[str, StageOutcome | PlannedStage] = {}
-        try:
-            for stage in workflow.stages:
-                if stage.spec.distributed:
-                    self._run_discarded(workflow, stage, memo, produced, progress)
-                if not self.collective.agree(True):
-                    raise StageError(f"stage {stage.name} failed on rank 0; its output says why")
-                resolved = self._resolve_inputs(stage, workflow, memo, produced)
-                key = self._key(stage, workflow.seed, resolved[0]) if resolved else None
-                manifest = self.cache.manifest(key) if key else None
-                if manifest is None:
-                    raise StageError(f"stage {stage.name}: rank 0 committed no output")
-                result = StageOutcome(
-                    stage.name,
-                    manifest.key,
-                    True,
-                    "",
-                    manifest.run_id,
-                    manifest.metrics,
-                    0.0,
-                    self._outputs(manifest.key, stage),
-                )
-                produced[stage.name] = result
-                outcome.stages.append(result)
-        finally:
-            memo.close()
-        return outcome
-
-    def _run_discarded(
-        self,
-        workflow: ResolvedWorkflow,
-        stage: ResolvedStage,
-        memo: DigestMemo,
-        produced: dict[str, StageOutcome | PlannedStage],
-        progress: ProgressCallback | None,
-    ) -> None:
-        """Run a distributed stage on a rank > 0 unless it is cached, discarding its outputs."""
-        resolved = self._resolve_inputs(stage, workflow, memo, produced)
-        if resolved is None:
-            raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
-        digests, inputs = resolved
-        key = self._key(stage, workflow.seed, digests)
-        if stage.spec.pure and self.cache.manifest(key) is not None:
-            return
-        with tempfile.TemporaryDirectory(prefix=f"rank{self.collective.rank}-") as folder:
-            outputs = {name: Path(folder) / name for name in stage.spec.outputs}
-            for path in outputs.values():
-                path.mkdir()
-            context = self._context(workflow, stage, key, digests, NullTracker(), "", progress)
-            stage.spec.run(context, stage.params, inputs, outputs)
-
-    def _context(
-        self,
-        workflow: ResolvedWorkflow,
-        stage: ResolvedStage,
-        key: str,
-        digests: dict[str, str],
-        tracker: Tracker,
-        run_id: str,
-        progress: ProgressCallback | None,
-    ) -> StageContext:
-        """What a stage execution of ``key`` receives besides params, inputs and outputs."""
-        return StageContext(
-            stage=stage.name,
-            key=key,
-            input_digests=digests,
-            seed=workflow.seed,
-            tracker=tracker,
-            run_id=run_id,
-            private_dir=self.workspace.private_dir,
-            scratch_dir=self.workspace.scratch_dir / key,
-            on_private=tracker.redactor.add_sources if isinstance(tracker, RedactingTracker) else None,
-            **({"progress": progress} if progress else {}),
+    def _run_stages(self, job: _Job) -> RunOutcome:
+        """Run or reuse each stage in order; rank 0 tells the other ranks how each ended."""
+        self._log_parent(job)
+        outcome = RunOutcome(workflow=job.workflow.name, parent_run_id=job.parent)
+        produced: Produced = {}
+        for stage in job.workflow.stages:
+            resolved = self.resolve_inputs(stage, job.workflow, job.memo, produced)
+            if resolved is None:
+                raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
+            try:
+                result = self._run_stage(job, stage, resolved)
+            except BaseException:
+                if not stage.spec.distributed:  # the other ranks wait for word from rank 0
+                    self.collective.agree(False)
+                raise
+            self.collective.agree(True)
+            produced[stage.name] = result
+            outcome.stages.append(result)
+        job.tracker.log_metrics(job.parent, outcome.metrics)
+        executed = outcome.executed
+        job.tracker.set_tags(
+            job.parent,
+            {
+                "medseg.stages_executed": ",".join(executed) or "none",
+                "medseg.cache_hits": str(len(outcome.stages) - len(executed)),
+            },
         )
+        return outcome
 
-    def _log_parent(self, workflow: ResolvedWorkflow, tracker: Tracker, parent: str) -> None:
+    def _log_parent(self, job: _Job) -> None:
+        workflow, tracker = job.workflow, job.tracker
         params: dict[str, object] = {"seed": workflow.seed, "pipeline": workflow.pipeline.name}
         for stage in workflow.stages:
             params.update(flatten_params(stage.params.loggable(), stage.name))
-        tracker.log_params(parent, params)
-        tracker.log_text(parent, json.dumps(workflow.resolved_document(), indent=2), "workflow/resolved.json")
-        tracker.log_text(parent, workflow.redacted_text(), "workflow/workflow.yaml")
-        tracker.log_text(parent, json.dumps(environment(), indent=2), "environment.json")
+        tracker.log_params(job.parent, params)
+        tracker.log_text(
+            job.parent, json.dumps(workflow.resolved_document(), indent=2), "workflow/resolved.json"
+        )
+        tracker.log_text(job.parent, workflow.redacted_text(), "workflow/workflow.yaml")
+        tracker.log_text(job.parent, json.dumps(environment(), indent=2), "environment.json")
 
-    def _run_stage(
-        self,
-        workflow: ResolvedWorkflow,
-        stage: ResolvedStage,
-        resolved: tuple[dict[str, str], dict[str, Path]],
-        memo: DigestMemo,
-        tracker: Tracker,
-        parent: str,
-        notify: StageEvent,
-        progress: ProgressCallback | None,
-        lease: Lease,
-        resumable: dict[str, str],
-    ) -> StageOutcome:
-        digests, inputs = resolved
-        key = self._key(stage, workflow.seed, digests)
-        tags = {
-            "medseg.stage": stage.name,
-            "medseg.stage_type": stage.spec.name,
-            "medseg.stage_version": str(stage.spec.version),
-            "medseg.cache_key": key,
-        }
+    def _run_stage(self, job: _Job, stage: ResolvedStage, resolved: Resolved) -> StageOutcome:
+        """Reuse the committed outputs of this stage's key, or execute it."""
+        key = self.key(stage, job.workflow.seed, resolved[0])
+        private_map = self.workspace.private_map(key)
+        if private_map.is_file():  # names this execution kept private: redact them in its run too
+            job.tracker.redactor.add_sources(json.loads(private_map.read_text()))
         manifest = self.cache.manifest(key) if stage.spec.pure else None
-        private_map = self.workspace.private_dir / f"{key}.json"
-        if isinstance(tracker, RedactingTracker) and private_map.is_file():
-            tracker.redactor.add_sources(json.loads(private_map.read_text()))
         if manifest is not None:
-            run_id = tracker.start_run(
-                experiment=workflow.experiment,
-                name=f"{stage.name} (cached)",
-                parent_run_id=parent,
-                tags={
-                    **tags,
-                    "medseg.cache_hit": "true",
-                    "medseg.producer_run_id": manifest.run_id,
-                },
-            )
-            tracker.log_metrics(run_id, manifest.metrics)
-            tracker.end_run(run_id, "FINISHED")
-            notify(stage.name, "cached")
-            return StageOutcome(
-                stage.name,
-                key,
-                True,
-                run_id,
-                manifest.run_id,
-                manifest.metrics,
-                0.0,
-                self._outputs(key, stage),
-            )
+            return self._reuse(job, stage, manifest)
+        return self._execute(job, stage, key, resolved)
 
-        scratch = self.workspace.scratch_dir / key
-        if key in resumable and scratch.is_dir():  # a killed run's checkpoint: continue its run
-            run_id = resumable.pop(key)
-            tracker.resume_run(run_id, parent_run_id=parent)
-        else:
-            run_id = tracker.start_run(
-                experiment=workflow.experiment,
-                name=stage.name,
-                parent_run_id=parent,
-                tags={**tags, "medseg.cache_hit": "false"},
-            )
-        lease.add_stage(key, run_id)
-        notify(stage.name, "running")
-        started = time.perf_counter()
-        try:
-            tracker.log_params(run_id, flatten_params(stage.params.loggable()))
-            scratch.mkdir(parents=True, exist_ok=True)
-            with self.cache.staging(key, stage.spec.outputs) as staged:
-                context = self._context(workflow, stage, key, digests, tracker, run_id, progress)
-                metrics = stage.spec.run(context, stage.params, inputs, staged)
-                output_digests = {name: memo.tree_digest(path) for name, path in staged.items()}
-                manifest = Manifest(
-                    key=key,
-                    stage=stage.spec.name,
-                    version=stage.spec.version,
-                    params=stage.params.model_dump(mode="json"),
-                    input_digests=digests,
-                    output_digests=output_digests,
-                    metrics={k: float(v) for k, v in metrics.items()},
-                    run_id=run_id,
-                    versions=self.versions,
-                )
-                self.cache.commit(staged, manifest)
-            shutil.rmtree(scratch, ignore_errors=True)
-        except BaseException as exc:
-            tracker.set_tags(run_id, {"medseg.error": _one_line(exc)})
-            tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            notify(stage.name, "failed")
-            if isinstance(exc, MedsegError):
-                raise
-            if isinstance(exc, Exception):
-                raise StageError(
-                    f"stage {stage.name} failed: {type(exc).__name__}: {_one_line(exc)}; "
-                    "rerun with --debug for the traceback"
-                ) from exc
-            raise
-        seconds = time.perf_counter() - started
-        tracker.log_metrics(run_id, {**manifest.metrics, f"{stage.name}/seconds": seconds})
-        tracker.end_run(run_id, "FINISHED")
-        lease.end_stage(key)
-        notify(stage.name, f"done in {seconds:.1f} s")
+    def _reuse(self, job: _Job, stage: ResolvedStage, manifest: Manifest) -> StageOutcome:
+        """Track a cache hit: a FINISHED child run pointing at the run that produced the outputs."""
+        run_id = job.tracker.start_run(
+            experiment=job.workflow.experiment,
+            name=f"{stage.name} (cached)",
+            parent_run_id=job.parent,
+            tags={
+                **_stage_tags(stage, manifest.key),
+                "medseg.cache_hit": "true",
+                "medseg.producer_run_id": manifest.run_id,
+            },
+        )
+        job.tracker.log_metrics(run_id, manifest.metrics)
+        job.tracker.end_run(run_id, "FINISHED")
+        job.notify(stage.name, "cached")
+        outputs = self.outputs(manifest.key, stage)
         return StageOutcome(
-            stage.name,
-            key,
-            False,
-            run_id,
-            run_id,
-            manifest.metrics,
-            seconds,
-            self._outputs(key, stage),
+            stage.name, manifest.key, True, run_id, manifest.run_id, manifest.metrics, 0.0, outputs
         )
 
-    def _outputs(self, key: str, stage: ResolvedStage) -> dict[str, Path]:
-        return {name: self.cache.entry(key) / name for name in stage.spec.outputs}
+    def _execute(self, job: _Job, stage: ResolvedStage, key: str, resolved: Resolved) -> StageOutcome:
+        """Execute a stage inside its tracked run; a failure marks the run and says which stage."""
+        run_id = self._open_stage_run(job, stage, key)
+        job.lease.add_stage(key, run_id)
+        job.notify(stage.name, "running")
+        started = time.perf_counter()
+        try:
+            job.tracker.log_params(run_id, flatten_params(stage.params.loggable()))
+            manifest = self._produce(job, stage, key, resolved, run_id)
+        except BaseException as exc:
+            job.tracker.set_tags(run_id, {"medseg.error": _one_line(exc)})
+            job.tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            job.notify(stage.name, "failed")
+            if isinstance(exc, MedsegError) or not isinstance(exc, Exception):
+                raise
+            raise StageError(
+                f"stage {stage.name} failed: {type(exc).__name__}: {_one_line(exc)}; "
+                "rerun with --debug for the traceback"
+            ) from exc
+        seconds = time.perf_counter() - started
+        job.tracker.log_metrics(run_id, {**manifest.metrics, f"{stage.name}/seconds": seconds})
+        job.tracker.end_run(run_id, "FINISHED")
+        job.lease.end_stage(key)
+        job.notify(stage.name, f"done in {seconds:.1f} s")
+        outputs = self.outputs(key, stage)
+        return StageOutcome(stage.name, key, False, run_id, run_id, manifest.metrics, seconds, outputs)
+
+    def _open_stage_run(self, job: _Job, stage: ResolvedStage, key: str) -> str:
+        """The stage's run: a killed run's, when its checkpoint is still there to resume, else a new one."""
+        if key in job.resumable and self.workspace.scratch(key).is_dir():
+            run_id = job.resumable.pop(key)
+            job.tracker.resume_run(run_id, parent_run_id=job.parent)
+            return run_id
+        return job.tracker.start_run(
+            experiment=job.workflow.experiment,
+            name=stage.name,
+            parent_run_id=job.parent,
+            tags={**_stage_tags(stage, key), "medseg.cache_hit": "false"},
+        )
+
+    def _produce(
+        self, job: _Job, stage: ResolvedStage, key: str, resolved: Resolved, run_id: str
+    ) -> Manifest:
+        """The cache part: execute into staging folders, digest the outputs, commit atomically."""
+        digests, inputs = resolved
+        scratch = self.workspace.scratch(key)
+        scratch.mkdir(parents=True, exist_ok=True)
+        with self.cache.staging(key, stage.spec.outputs) as staged:
+            context = self.context(job.workflow, stage, key, digests, job.tracker, run_id, job.progress)
+            metrics = stage.spec.execute(context, stage.params, inputs, staged)
+            manifest = Manifest(
+                key=key,
+                stage=stage.spec.name,
+                version=stage.spec.version,
+                params=stage.params.model_dump(mode="json"),
+                input_digests=digests,
+                output_digests={name: job.memo.tree_digest(path) for name, path in staged.items()},
+                metrics={name: float(value) for name, value in metrics.items()},
+                run_id=run_id,
+                versions=self.versions,
+            )
+            self.cache.commit(staged, manifest)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return manifest
+
+
+def _stage_tags(stage: ResolvedStage, key: str) -> dict[str, str]:
+    return {
+        "medseg.stage": stage.name,
+        "medseg.stage_type": stage.spec.name,
+        "medseg.stage_version": str(stage.spec.version),
+        "medseg.cache_key": key,
+    }
 
 
 def _one_line(exc: BaseException) -> str:

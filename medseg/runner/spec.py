@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medseg.errors import ConfigError
 from medseg.resources import shipped_dir
-from medseg.runner.contract import Params, StageSpec
+from medseg.runner.contract import Kind, Params, Stage
 
 
 class _Strict(BaseModel):
@@ -29,9 +29,14 @@ class _Strict(BaseModel):
 
 
 class PipelineInput(_Strict):
-    """A declared pipeline input (a path the workflow binds)."""
+    """A declared pipeline input (a path the workflow binds) and the kind of artifact it is.
+
+    ``kind`` is ``source`` (files as the user has them) unless the path must be a medseg
+    artifact, e.g. ``export`` for a model folder.
+    """
 
     description: str = ""
+    kind: Kind = Kind.SOURCE
 
 
 class PipelineStage(_Strict):
@@ -79,7 +84,7 @@ class ResolvedStage:
     """A stage ready to run: type, validated params and wiring."""
 
     name: str
-    spec: StageSpec
+    spec: Stage[Any]
     params: Params
     inputs: dict[str, str]
 
@@ -231,11 +236,11 @@ def find_pipeline(reference: str, workflow_dir: Path) -> Path:
     raise ConfigError(f"pipeline '{reference}' not found{_closest(reference, names)}")
 
 
-def load_pipeline(path: Path, registry: Mapping[str, StageSpec]) -> Pipeline:
-    """Parse and check a pipeline file: stage types exist, wiring points at real outputs."""
+def load_pipeline(path: Path, registry: Mapping[str, Stage[Any]]) -> Pipeline:
+    """Parse and check a pipeline file: stage types exist, wiring joins outputs to inputs of their kind."""
     data, _text = _read_yaml(path, "pipeline")
     pipeline: Pipeline = _parse(Pipeline, data, path.name)
-    produced: dict[str, tuple[str, ...]] = {}
+    produced: dict[str, Mapping[str, Kind]] = {}
     for stage_name, stage in pipeline.stages.items():
         where = f"{path.name}: stages.{stage_name}"
         if stage.uses not in registry:
@@ -258,15 +263,24 @@ def load_pipeline(path: Path, registry: Mapping[str, StageSpec]) -> Pipeline:
                     raise ConfigError(
                         f"{where}.inputs.{input_name}: '{source}' is not a declared pipeline input"
                     )
+                kind = pipeline.inputs[output].kind
             elif origin not in produced or output not in produced[origin]:
                 raise ConfigError(
                     f"{where}.inputs.{input_name}: '{source}' is not an output of an earlier stage"
+                )
+            else:
+                kind = produced[origin][output]
+            wanted = spec.inputs[input_name]
+            if not kind.satisfies(wanted):
+                raise ConfigError(
+                    f"{where}.inputs.{input_name}: '{source}' is a {kind} but '{spec.name}' "
+                    f"needs a {wanted} here; wire an output of kind {wanted}"
                 )
         produced[stage_name] = spec.outputs
     return pipeline
 
 
-def load_workflow(path: str | Path, registry: Mapping[str, StageSpec]) -> ResolvedWorkflow:
+def load_workflow(path: str | Path, registry: Mapping[str, Stage[Any]]) -> ResolvedWorkflow:
     """Load, validate and resolve a workflow file before any work is done.
 
     Raises:

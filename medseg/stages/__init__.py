@@ -1,9 +1,11 @@
 """Stage adapters from the stage contract to the library functions, in an explicit registry."""
 
-from medseg.runner.contract import StageSpec
+from typing import Any
+
+from medseg.runner.contract import Stage
 from medseg.stages import evaluate, export, ingest, pacs, postprocess, predict, train
 
-REGISTRY: dict[str, StageSpec] = {
+REGISTRY: dict[str, Stage[Any]] = {
     stage.name: stage
     for stage in (
         ingest.STAGE,

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from medseg.params import Params
-from medseg.runner.contract import StageContext, StageSpec
+from medseg.runner.contract import Kind, Stage, StageContext, ports
 
 _RESERVED_ALIAS = re.compile(r"latest|[vV][0-9]+")
 """Alias names MLflow reserves (``latest``, ``v<number>``)."""
@@ -52,103 +52,108 @@ class ExportParams(Params):
         return self
 
 
-def run(
-    context: StageContext,
-    params: ExportParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-) -> dict[str, float]:
-    """Write weights, TorchScript, ONNX and the model card; log (and register) the MLflow model."""
-    import shutil
+class Export(Stage[ExportParams]):
+    """The ``export`` stage (see ``execute``)."""
 
-    import numpy as np
-    import torch
+    name = "export"
+    version = 4
+    params = ExportParams
+    inputs = ports(model=Kind.MODEL, dataset=Kind.DATASET, report=Kind.REPORT)
+    outputs = ports(export=Kind.EXPORT)
+    description = "TorchScript and ONNX export (parity checked), model card, MLflow model, registry"
 
-    from medseg._version import __version__
-    from medseg.export.onnx import export_onnx, onnx_parity
-    from medseg.export.torchscript import export_torchscript, max_abs_difference
-    from medseg.inference.card import SegmentRecord
-    from medseg.inference.model import load_model
-    from medseg.inference.predict import predict_logits
-    from medseg.io.dataset import load_case, read_index
-    from medseg.runner.cache import library_versions
+    def execute(
+        self,
+        context: StageContext,
+        params: ExportParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Write weights, TorchScript, ONNX and the model card; log (and register) the MLflow model."""
+        import shutil
 
-    folder, target = inputs["dataset"], outputs["export"]
-    net, card = load_model(inputs["model"], torch.device("cpu"))
-    index = read_index(folder)
-    record = (index.split("test") or list(index.cases))[0]
-    image, _ = load_case(folder, record)
-    settings = card.inference
-    roi = settings.roi_size
-    divisor = card.net.size_divisor
-    corner = tuple(slice(0, min(size, extent)) for size, extent in zip(roi, image.spatial_shape, strict=True))
-    example = torch.as_tensor(image.array[(slice(None), *corner)][None], dtype=torch.float32)
-    module = export_torchscript(net, example, target / "model.ts")
-    parity = max_abs_difference(net, module, example)  # a window: whole images need not fit the strides
-    export_onnx(net, example, target / "model.onnx")
-    shutil.copyfile(inputs["model"] / "weights.pt", target / "weights.pt")
-    # Real windows of the test image: the export size, and a batch of two at another size.
-    other = tuple(
-        slice(0, max(divisor, (extent // 2) // divisor * divisor)) for extent in image.spatial_shape
-    )
-    second = torch.as_tensor(image.array[(slice(None), *other)][None], dtype=torch.float32).repeat(
-        2, 1, *[1] * len(other)
-    )
-    onnx_difference = onnx_parity(net, target / "model.onnx", [example, second])
+        import numpy as np
+        import torch
 
-    summary_path = inputs["report"] / "summary.json"
-    exported = card.model_copy(
-        update={
-            "name": params.register_as or context.stage,
-            "intended_use": (
-                "research use: segmentation of images like the training data; "
-                "not a medical device, not for diagnosis"
-            ),
-            "segments": (SegmentRecord(**params.segment.model_dump()),),
-            "input": "float32 (N, C, *spatial), preprocessed as 'preprocessing' says",
-            "output": "int64 (N, *spatial) class labels (see 'labels'); instances as 'task' says",
-            "evaluation": json.loads(summary_path.read_text()),
-            "versions": library_versions(),
-            "medseg_version": __version__,
-        }
-    )
-    exported.write(target / "model_card.json")
-    context.log_artifact(target / "model_card.json")
-    metrics = {"export/torchscript_max_abs_diff": parity, "export/onnx_max_abs_diff": onnx_difference}
-    if params.mlflow_model:
-        logits = predict_logits(
-            module,
-            example[0].numpy(),
-            roi_size=roi,
-            overlap=settings.overlap,
-            device=torch.device("cpu"),
+        from medseg._version import __version__
+        from medseg.export.onnx import export_onnx, onnx_parity
+        from medseg.export.torchscript import export_torchscript, max_abs_difference
+        from medseg.inference.card import SegmentRecord
+        from medseg.inference.model import load_model
+        from medseg.inference.predict import predict_logits
+        from medseg.io.dataset import load_case, read_index
+        from medseg.runner.cache import library_versions
+
+        folder, target = inputs["dataset"], outputs["export"]
+        net, card = load_model(inputs["model"], torch.device("cpu"))
+        index = read_index(folder)
+        record = (index.split("test") or list(index.cases))[0]
+        image, _ = load_case(folder, record)
+        settings = card.inference
+        roi = settings.roi_size
+        divisor = card.net.size_divisor
+        corner = tuple(
+            slice(0, min(size, extent)) for size, extent in zip(roi, image.spatial_shape, strict=True)
         )
-        output_example = logits.argmax(dim=0).numpy().astype(np.int64)[None]
-        versions = library_versions()
-        info = context.log_model(
-            target,
-            input_example=example.numpy(),
-            output_example=output_example,
-            registered_name=params.register_as,
-            aliases=params.aliases,
-            pip_requirements=[
-                f"torch=={versions['torch']}",
-                f"monai=={versions['monai']}",
-                "numpy",
-            ],
+        example = torch.as_tensor(image.array[(slice(None), *corner)][None], dtype=torch.float32)
+        module = export_torchscript(net, example, target / "model.ts")
+        parity = max_abs_difference(net, module, example)  # a window: whole images need not fit the strides
+        export_onnx(net, example, target / "model.onnx")
+        shutil.copyfile(inputs["model"] / "weights.pt", target / "weights.pt")
+        # Real windows of the test image: the export size, and a batch of two at another size.
+        other = tuple(
+            slice(0, max(divisor, (extent // 2) // divisor * divisor)) for extent in image.spatial_shape
         )
-        (target / "mlflow_model.json").write_text(
-            json.dumps({"registered_name": info.registered_name, "version": info.registered_version})
+        second = torch.as_tensor(image.array[(slice(None), *other)][None], dtype=torch.float32).repeat(
+            2, 1, *[1] * len(other)
         )
-    return metrics
+        onnx_difference = onnx_parity(net, target / "model.onnx", [example, second])
+
+        summary_path = inputs["report"] / "summary.json"
+        exported = card.model_copy(
+            update={
+                "name": params.register_as or context.stage,
+                "intended_use": (
+                    "research use: segmentation of images like the training data; "
+                    "not a medical device, not for diagnosis"
+                ),
+                "segments": (SegmentRecord(**params.segment.model_dump()),),
+                "input": "float32 (N, C, *spatial), preprocessed as 'preprocessing' says",
+                "output": "int64 (N, *spatial) class labels (see 'labels'); instances as 'task' says",
+                "evaluation": json.loads(summary_path.read_text()),
+                "versions": library_versions(),
+                "medseg_version": __version__,
+            }
+        )
+        exported.write(target / "model_card.json")
+        context.log_artifact(target / "model_card.json")
+        metrics = {"export/torchscript_max_abs_diff": parity, "export/onnx_max_abs_diff": onnx_difference}
+        if params.mlflow_model:
+            logits = predict_logits(
+                module,
+                example[0].numpy(),
+                roi_size=roi,
+                overlap=settings.overlap,
+                device=torch.device("cpu"),
+            )
+            output_example = logits.argmax(dim=0).numpy().astype(np.int64)[None]
+            versions = library_versions()
+            info = context.log_model(
+                target,
+                input_example=example.numpy(),
+                output_example=output_example,
+                registered_name=params.register_as,
+                aliases=params.aliases,
+                pip_requirements=[
+                    f"torch=={versions['torch']}",
+                    f"monai=={versions['monai']}",
+                    "numpy",
+                ],
+            )
+            (target / "mlflow_model.json").write_text(
+                json.dumps({"registered_name": info.registered_name, "version": info.registered_version})
+            )
+        return metrics
 
 
-STAGE = StageSpec(
-    name="export",
-    version=4,
-    params=ExportParams,
-    inputs=("model", "dataset", "report"),
-    outputs=("export",),
-    run=run,
-    description="TorchScript and ONNX export (parity checked), model card, MLflow model, registry",
-)
+STAGE = Export()

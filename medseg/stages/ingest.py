@@ -6,43 +6,46 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from medseg.io.ingest import IngestParams, ingest_dataset
-from medseg.runner.contract import StageContext, StageSpec
+from medseg.runner.contract import Kind, Stage, StageContext, ports
 
 
-def run(
-    context: StageContext,
-    params: IngestParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-) -> dict[str, float]:
-    """Read, check, normalise and split the cases of the ``source`` input.
+class Ingest(Stage[IngestParams]):
+    """The ``ingest`` stage (see ``execute``)."""
 
-    The map from case ids to sources goes to ``<workspace>/private/<key>.json`` before any
-    case is read, so an error naming ``case_0007`` can be traced there; it is never logged.
-    """
-    index, _ = ingest_dataset(
-        inputs["source"],
-        params,
-        outputs["dataset"],
-        seed=context.seed,
-        progress=context.progress,
-        on_discovered=context.keep_private,
-    )
-    counts = {name: len(ids) for name, ids in index.splits.items()}
-    full = sum(case.fully_annotated for case in index.cases)
-    return {
-        "ingest/cases": float(len(index.cases)),
-        "ingest/fully_annotated": float(full),
-        **{f"ingest/{name}_cases": float(count) for name, count in counts.items()},
-    }
+    name = "ingest"
+    version = 5
+    params = IngestParams
+    inputs = ports(source=Kind.SOURCE)
+    outputs = ports(dataset=Kind.DATASET)
+    description = "read a source folder into the canonical dataset with seeded splits"
+
+    def execute(
+        self,
+        context: StageContext,
+        params: IngestParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Read, check, normalise and split the cases of the ``source`` input.
+
+        The map from case ids to sources goes to ``<workspace>/private/<key>.json`` before any
+        case is read, so an error naming ``case_0007`` can be traced there; it is never logged.
+        """
+        index, _ = ingest_dataset(
+            inputs["source"],
+            params,
+            outputs["dataset"],
+            seed=context.seed,
+            progress=context.progress,
+            on_discovered=context.keep_private,
+        )
+        counts = {name: len(ids) for name, ids in index.splits.items()}
+        full = sum(case.fully_annotated for case in index.cases)
+        return {
+            "ingest/cases": float(len(index.cases)),
+            "ingest/fully_annotated": float(full),
+            **{f"ingest/{name}_cases": float(count) for name, count in counts.items()},
+        }
 
 
-STAGE = StageSpec(
-    name="ingest",
-    version=5,
-    params=IngestParams,
-    inputs=("source",),
-    outputs=("dataset",),
-    run=run,
-    description="read a source folder into the canonical dataset with seeded splits",
-)
+STAGE = Ingest()

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from medseg.params import Params
-from medseg.runner.contract import StageContext, StageSpec
+from medseg.runner.contract import Kind, Stage, StageContext, ports
 
 
 class PostprocessParams(Params):
@@ -35,99 +35,6 @@ class PostprocessParams(Params):
     sw_batch_size: int = Field(4, ge=1)
 
 
-def run(
-    context: StageContext, params: PostprocessParams, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
-) -> dict[str, float]:
-    """Choose post-processing on the split; write the model with its updated card."""
-    from medseg.inference.card import PostprocessingRecord
-    from medseg.inference.model import CARD_FILE, load_model
-    from medseg.inference.predict import class_map, class_probability, predict_logits
-    from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
-    from medseg.io.dataset import load_case, load_markers, read_index
-    from medseg.io.readers import read_image
-    from medseg.training.loop import resolve_device
-
-    folder, model_in, model_out = inputs["dataset"], inputs["model"], outputs["model"]
-    index = read_index(folder)
-    records = index.split(params.split)
-    device = resolve_device(params.device)
-    net, card = load_model(model_in, device)
-    current = card.inference
-    for path in model_in.iterdir():
-        if path.is_file() and path.name != CARD_FILE:
-            _link_or_copy(path, model_out / path.name)
-    if not params.search or not records:
-        reason = (
-            "search disabled (postprocess.search)" if not params.search else f"empty {params.split} split"
-        )
-        chosen_by = PostprocessingRecord(chosen_by=f"train params ({reason})")
-        card.model_copy(update={"postprocessing": chosen_by}).write(model_out / CARD_FILE)
-        return {}
-    cases = []
-    for number, record in enumerate(records, start=1):
-        image, label = load_case(folder, record)
-        markers = load_markers(folder, record)
-        logits = predict_logits(
-            net,
-            image.array,
-            roi_size=current.roi_size,
-            overlap=current.overlap,
-            device=device,
-            sw_batch_size=params.sw_batch_size,
-        )
-        cases.append(
-            ValidationCase(
-                case_id=record.case_id,
-                classes=class_map(logits),
-                interior=class_probability(logits, 1) if current.target == "boundary" else None,
-                reference=label.array[0],
-                markers=markers.array[0] if markers is not None else None,
-                fully_annotated=record.fully_annotated,
-            )
-        )
-        context.progress("postprocess: predict", number, len(records))
-    sizes = training_object_sizes(
-        [read_image(folder / record.label, kind="label").array[0] for record in index.split("train")],
-        instance_labels=index.instance_labels,
-    )
-    choice = choose_postprocessing(cases, current, object_sizes=sizes, instance_labels=index.instance_labels)
-    record = PostprocessingRecord(
-        chosen_by=f"validation ({params.split} split, {len(cases)} cases)",
-        measure=choice.measure,
-        score=choice.chosen.score,
-        baseline_score=choice.baseline.score,
-        candidates=len(choice.candidates),
-        median_training_object_size=float(np.median(sizes)) if sizes.size else None,
-    )
-    card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
-        model_out / CARD_FILE
-    )
-    table = model_out / "postprocessing_candidates.csv"
-    with table.open("w", newline="") as handle:
-        rows = [candidate.as_row() for candidate in choice.candidates]
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    context.log_artifact(table, "postprocessing")
-    chosen = choice.chosen.as_row()  # the candidates table's own spelling ("argmax" seeds)
-    context.log_params(
-        {
-            **{
-                f"postprocess.chosen.{name}": chosen[name]
-                for name in ("min_object_size", "fill_holes", "seed_threshold", "keep_largest")
-            },
-            "postprocess.measure": choice.measure,
-        }
-    )
-    return {
-        f"postprocess/val_{choice.measure}": choice.chosen.score,
-        f"postprocess/baseline_val_{choice.measure}": choice.baseline.score,
-        "postprocess/val_objects_per_case": choice.chosen.objects_per_case,
-        "postprocess/baseline_val_objects_per_case": choice.baseline.objects_per_case,
-        "postprocess/candidates": float(len(choice.candidates)),
-    }
-
-
 def _link_or_copy(source: Path, target: Path) -> None:
     """Hard-link ``source`` to ``target`` (same filesystem: no copy of the weights), else copy."""
     try:
@@ -136,12 +43,113 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-STAGE = StageSpec(
-    name="postprocess",
-    version=1,
-    params=PostprocessParams,
-    inputs=("dataset", "model"),
-    outputs=("model",),
-    run=run,
-    description="choose post-processing on validation: object size, holes, seed threshold, largest object",
-)
+class Postprocess(Stage[PostprocessParams]):
+    """The ``postprocess`` stage (see ``execute``)."""
+
+    name = "postprocess"
+    version = 1
+    params = PostprocessParams
+    inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
+    outputs = ports(model=Kind.MODEL)
+    description = "choose post-processing on validation: object size, holes, seed threshold, largest object"
+
+    def execute(
+        self,
+        context: StageContext,
+        params: PostprocessParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Choose post-processing on the split; write the model with its updated card."""
+        from medseg.inference.card import PostprocessingRecord
+        from medseg.inference.model import CARD_FILE, load_model
+        from medseg.inference.predict import class_map, class_probability, predict_logits
+        from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
+        from medseg.io.dataset import load_case, load_markers, read_index
+        from medseg.io.readers import read_image
+        from medseg.training.loop import resolve_device
+
+        folder, model_in, model_out = inputs["dataset"], inputs["model"], outputs["model"]
+        index = read_index(folder)
+        records = index.split(params.split)
+        device = resolve_device(params.device)
+        net, card = load_model(model_in, device)
+        current = card.inference
+        for path in model_in.iterdir():
+            if path.is_file() and path.name != CARD_FILE:
+                _link_or_copy(path, model_out / path.name)
+        if not params.search or not records:
+            reason = (
+                "search disabled (postprocess.search)" if not params.search else f"empty {params.split} split"
+            )
+            chosen_by = PostprocessingRecord(chosen_by=f"train params ({reason})")
+            card.model_copy(update={"postprocessing": chosen_by}).write(model_out / CARD_FILE)
+            return {}
+        cases = []
+        for number, record in enumerate(records, start=1):
+            image, label = load_case(folder, record)
+            markers = load_markers(folder, record)
+            logits = predict_logits(
+                net,
+                image.array,
+                roi_size=current.roi_size,
+                overlap=current.overlap,
+                device=device,
+                sw_batch_size=params.sw_batch_size,
+            )
+            cases.append(
+                ValidationCase(
+                    case_id=record.case_id,
+                    classes=class_map(logits),
+                    interior=class_probability(logits, 1) if current.target == "boundary" else None,
+                    reference=label.array[0],
+                    markers=markers.array[0] if markers is not None else None,
+                    fully_annotated=record.fully_annotated,
+                )
+            )
+            context.progress("postprocess: predict", number, len(records))
+        sizes = training_object_sizes(
+            [read_image(folder / record.label, kind="label").array[0] for record in index.split("train")],
+            instance_labels=index.instance_labels,
+        )
+        choice = choose_postprocessing(
+            cases, current, object_sizes=sizes, instance_labels=index.instance_labels
+        )
+        record = PostprocessingRecord(
+            chosen_by=f"validation ({params.split} split, {len(cases)} cases)",
+            measure=choice.measure,
+            score=choice.chosen.score,
+            baseline_score=choice.baseline.score,
+            candidates=len(choice.candidates),
+            median_training_object_size=float(np.median(sizes)) if sizes.size else None,
+        )
+        card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
+            model_out / CARD_FILE
+        )
+        table = model_out / "postprocessing_candidates.csv"
+        with table.open("w", newline="") as handle:
+            rows = [candidate.as_row() for candidate in choice.candidates]
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        context.log_artifact(table, "postprocessing")
+        chosen = choice.chosen.as_row()  # the candidates table's own spelling ("argmax" seeds)
+        context.log_params(
+            {
+                **{
+                    f"postprocess.chosen.{name}": chosen[name]
+                    for name in ("min_object_size", "fill_holes", "seed_threshold", "keep_largest")
+                },
+                "postprocess.measure": choice.measure,
+            }
+        )
+        return {
+            f"postprocess/val_{choice.measure}": choice.chosen.score,
+            f"postprocess/baseline_val_{choice.measure}": choice.baseline.score,
+            "postprocess/val_objects_per_case": choice.chosen.objects_per_case,
+            "postprocess/baseline_val_objects_per_case": choice.baseline.objects_per_case,
+            "postprocess/candidates": float(len(choice.candidates)),
+        }
+
+
+STAGE = Postprocess()

@@ -17,7 +17,7 @@ from medseg.errors import DataError
 from medseg.io.cohort import OutputFormat
 from medseg.io.dicom import SeriesRules
 from medseg.params import Params
-from medseg.runner.contract import StageContext, StageSpec
+from medseg.runner.contract import Kind, Stage, StageContext, ports
 
 IMAGES_FILE = "images.json"
 
@@ -41,131 +41,6 @@ class WriteParams(Params):
     format: OutputFormat = "nifti"
 
 
-def run_ingest_images(
-    context: StageContext,
-    params: IngestImagesParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-) -> dict[str, float]:
-    """Read every case of the ``source`` input into ``cases/case_XXXX/image.nii.gz`` (no labels)."""
-    from medseg.io.cohort import discover_images
-    from medseg.io.readers import read_image, write_image
-
-    found = discover_images(inputs["source"])
-    ids = [f"case_{number:04d}" for number in range(1, len(found) + 1)]
-    context.keep_private(
-        {case: str(path.relative_to(inputs["source"])) for case, (_, path) in zip(ids, found, strict=True)}
-    )
-    records = []
-    for number, (case_id, (_, path)) in enumerate(zip(ids, found, strict=True), start=1):
-        try:
-            volume = read_image(path, series=params.series)
-        except DataError as exc:
-            raise DataError(
-                f"case {case_id}: {exc} (its source is in the workspace's private/ case map)"
-            ) from exc
-        folder = outputs["images"] / "cases" / case_id
-        folder.mkdir(parents=True)
-        write_image(volume, folder / "image.nii.gz")
-        records.append(
-            {
-                "case_id": case_id,
-                "image": f"cases/{case_id}/image.nii.gz",
-                "shape": list(volume.spatial_shape),
-                "spacing": list(volume.spacing),
-                "series": volume.meta.get("series"),
-            }
-        )
-        context.progress("ingest", number, len(found))
-    (outputs["images"] / IMAGES_FILE).write_text(json.dumps({"cases": records}, indent=2))
-    dicom = sum(record["series"] is not None for record in records)
-    return {"ingest/cases": float(len(records)), "ingest/dicom_series": float(dicom)}
-
-
-def run_predict(
-    context: StageContext,
-    params: PredictParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-) -> dict[str, float]:
-    """Segment every case with the exported model; write labels and ``predictions.csv``."""
-    import numpy as np
-
-    from medseg.inference.segmenter import Segmenter
-    from medseg.io.cohort import label_summary
-    from medseg.io.readers import read_image, write_image
-
-    segmenter = Segmenter.from_export(inputs["model"], device=params.device)
-    records = _records(inputs["images"])
-    rows = []
-    for number, record in enumerate(records, start=1):
-        case_id = record["case_id"]
-        try:
-            labels = segmenter.predict(
-                read_image(inputs["images"] / record["image"]), flip_tta=params.flip_tta
-            )
-        except DataError as exc:
-            raise DataError(f"case {case_id}: {exc}") from exc
-        folder = outputs["labels"] / "cases" / case_id
-        folder.mkdir(parents=True)
-        write_image(labels, folder / "label.nii.gz")
-        rows.append({"case_id": case_id, **label_summary(labels)})
-        context.progress("predict", number, len(records))
-    table = outputs["labels"] / "predictions.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    context.log_artifact(table, "predictions")
-    return {
-        "predict/cases": float(len(rows)),
-        "predict/mean_objects": float(np.mean([row["objects"] for row in rows])),
-        "predict/mean_volume_ml": float(np.mean([row["volume_ml"] for row in rows])),
-    }
-
-
-def run_write_masks(
-    context: StageContext,
-    params: WriteParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-) -> dict[str, float]:
-    """Write each case's labels as ``case_XXXX<suffix>``; DICOM SEG references its source series."""
-    from medseg.inference.card import ModelCard
-    from medseg.io.cohort import OUTPUT_SUFFIX, write_labels
-    from medseg.io.dicom import index_dicom
-    from medseg.io.readers import read_image
-
-    card = ModelCard.read(inputs["model"] / "model_card.json")
-    segment = card.segment.info()
-    records = _records(inputs["images"])
-    series = {}
-    if params.format == "dicom-seg":
-        series = {item.key: item for item in index_dicom(inputs["source"]).series}
-    suffix = OUTPUT_SUFFIX[params.format]
-    for number, record in enumerate(records, start=1):
-        case_id = record["case_id"]
-        labels = read_image(inputs["labels"] / "cases" / case_id / "label.nii.gz", kind="label")
-        if params.format == "dicom-seg" and record["series"] not in series:
-            raise DataError(
-                f"case {case_id}: no DICOM series in the source to reference (it was not read from DICOM, "
-                "or the source changed); write.format: nifti writes any case"
-            )
-        try:
-            write_labels(
-                labels,
-                outputs["masks"] / f"{case_id}{suffix}",
-                params.format,
-                segment=segment,
-                algorithm=card.name or "unet",
-                series=series.get(str(record["series"])),
-            )
-        except DataError as exc:
-            raise DataError(f"case {case_id}: {exc}") from exc
-        context.progress("write", number, len(records))
-    return {"write/files": float(len(records))}
-
-
 def _records(images: Path) -> list[dict[str, object]]:
     path = images / IMAGES_FILE
     if not path.is_file():
@@ -173,30 +48,171 @@ def _records(images: Path) -> list[dict[str, object]]:
     return list(json.loads(path.read_text())["cases"])
 
 
-INGEST_IMAGES = StageSpec(
-    name="ingest_images",
-    version=1,
-    params=IngestImagesParams,
-    inputs=("source",),
-    outputs=("images",),
-    run=run_ingest_images,
-    description="read a cohort (image files or DICOM series folders) into pseudonymous cases, no labels",
-)
-PREDICT = StageSpec(
-    name="predict",
-    version=1,
-    params=PredictParams,
-    inputs=("images", "model"),
-    outputs=("labels",),
-    run=run_predict,
-    description="segment every case with an exported model, labels in each case's geometry",
-)
-WRITE_MASKS = StageSpec(
-    name="write_masks",
-    version=1,
-    params=WriteParams,
-    inputs=("labels", "images", "model", "source"),
-    outputs=("masks",),
-    run=run_write_masks,
-    description="write predicted labels as NIfTI, TIFF or DICOM SEG referencing the source series",
-)
+class IngestImages(Stage[IngestImagesParams]):
+    """The ``ingest_images`` stage (see ``execute``)."""
+
+    name = "ingest_images"
+    version = 1
+    params = IngestImagesParams
+    inputs = ports(source=Kind.SOURCE)
+    outputs = ports(images=Kind.IMAGES)
+    description = "read a cohort (image files or DICOM series folders) into pseudonymous cases, no labels"
+
+    def execute(
+        self,
+        context: StageContext,
+        params: IngestImagesParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Read every case of the ``source`` input into ``cases/case_XXXX/image.nii.gz`` (no labels)."""
+        from medseg.io.cohort import discover_images
+        from medseg.io.readers import read_image, write_image
+
+        found = discover_images(inputs["source"])
+        ids = [f"case_{number:04d}" for number in range(1, len(found) + 1)]
+        context.keep_private(
+            {
+                case: str(path.relative_to(inputs["source"]))
+                for case, (_, path) in zip(ids, found, strict=True)
+            }
+        )
+        records = []
+        for number, (case_id, (_, path)) in enumerate(zip(ids, found, strict=True), start=1):
+            try:
+                volume = read_image(path, series=params.series)
+            except DataError as exc:
+                raise DataError(
+                    f"case {case_id}: {exc} (its source is in the workspace's private/ case map)"
+                ) from exc
+            folder = outputs["images"] / "cases" / case_id
+            folder.mkdir(parents=True)
+            write_image(volume, folder / "image.nii.gz")
+            records.append(
+                {
+                    "case_id": case_id,
+                    "image": f"cases/{case_id}/image.nii.gz",
+                    "shape": list(volume.spatial_shape),
+                    "spacing": list(volume.spacing),
+                    "series": volume.meta.get("series"),
+                }
+            )
+            context.progress("ingest", number, len(found))
+        (outputs["images"] / IMAGES_FILE).write_text(json.dumps({"cases": records}, indent=2))
+        dicom = sum(record["series"] is not None for record in records)
+        return {"ingest/cases": float(len(records)), "ingest/dicom_series": float(dicom)}
+
+
+INGEST_IMAGES = IngestImages()
+
+
+class Predict(Stage[PredictParams]):
+    """The ``predict`` stage (see ``execute``)."""
+
+    name = "predict"
+    version = 1
+    params = PredictParams
+    inputs = ports(images=Kind.IMAGES, model=Kind.EXPORT)
+    outputs = ports(labels=Kind.LABELS)
+    description = "segment every case with an exported model, labels in each case's geometry"
+
+    def execute(
+        self,
+        context: StageContext,
+        params: PredictParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Segment every case with the exported model; write labels and ``predictions.csv``."""
+        import numpy as np
+
+        from medseg.inference.segmenter import Segmenter
+        from medseg.io.cohort import label_summary
+        from medseg.io.readers import read_image, write_image
+
+        segmenter = Segmenter.from_export(inputs["model"], device=params.device)
+        records = _records(inputs["images"])
+        rows = []
+        for number, record in enumerate(records, start=1):
+            case_id = record["case_id"]
+            try:
+                labels = segmenter.predict(
+                    read_image(inputs["images"] / record["image"]), flip_tta=params.flip_tta
+                )
+            except DataError as exc:
+                raise DataError(f"case {case_id}: {exc}") from exc
+            folder = outputs["labels"] / "cases" / case_id
+            folder.mkdir(parents=True)
+            write_image(labels, folder / "label.nii.gz")
+            rows.append({"case_id": case_id, **label_summary(labels)})
+            context.progress("predict", number, len(records))
+        table = outputs["labels"] / "predictions.csv"
+        with table.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        context.log_artifact(table, "predictions")
+        return {
+            "predict/cases": float(len(rows)),
+            "predict/mean_objects": float(np.mean([row["objects"] for row in rows])),
+            "predict/mean_volume_ml": float(np.mean([row["volume_ml"] for row in rows])),
+        }
+
+
+PREDICT = Predict()
+
+
+class WriteMasks(Stage[WriteParams]):
+    """The ``write_masks`` stage (see ``execute``)."""
+
+    name = "write_masks"
+    version = 1
+    params = WriteParams
+    inputs = ports(labels=Kind.LABELS, images=Kind.IMAGES, model=Kind.EXPORT, source=Kind.SOURCE)
+    outputs = ports(masks=Kind.MASKS)
+    description = "write predicted labels as NIfTI, TIFF or DICOM SEG referencing the source series"
+
+    def execute(
+        self,
+        context: StageContext,
+        params: WriteParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Write each case's labels as ``case_XXXX<suffix>``; DICOM SEG references its source series."""
+        from medseg.inference.card import ModelCard
+        from medseg.io.cohort import OUTPUT_SUFFIX, write_labels
+        from medseg.io.dicom import index_dicom
+        from medseg.io.readers import read_image
+
+        card = ModelCard.read(inputs["model"] / "model_card.json")
+        segment = card.segment.info()
+        records = _records(inputs["images"])
+        series = {}
+        if params.format == "dicom-seg":
+            series = {item.key: item for item in index_dicom(inputs["source"]).series}
+        suffix = OUTPUT_SUFFIX[params.format]
+        for number, record in enumerate(records, start=1):
+            case_id = record["case_id"]
+            labels = read_image(inputs["labels"] / "cases" / case_id / "label.nii.gz", kind="label")
+            if params.format == "dicom-seg" and record["series"] not in series:
+                raise DataError(
+                    f"case {case_id}: no DICOM series in the source to reference (it was not read from "
+                    "DICOM, or the source changed); write.format: nifti writes any case"
+                )
+            try:
+                write_labels(
+                    labels,
+                    outputs["masks"] / f"{case_id}{suffix}",
+                    params.format,
+                    segment=segment,
+                    algorithm=card.name or "unet",
+                    series=series.get(str(record["series"])),
+                )
+            except DataError as exc:
+                raise DataError(f"case {case_id}: {exc}") from exc
+            context.progress("write", number, len(records))
+        return {"write/files": float(len(records))}
+
+
+WRITE_MASKS = WriteMasks()

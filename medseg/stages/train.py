@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, read_index
-from medseg.runner.contract import StageContext, StageSpec
+from medseg.runner.contract import Kind, Stage, StageContext, ports
 from medseg.training.params import TrainParams
 
 if TYPE_CHECKING:
@@ -64,55 +64,6 @@ def check_dataset(index: DatasetIndex, params: TrainParams) -> None:
         )
 
 
-def run(
-    context: StageContext,
-    params: TrainParams,
-    inputs: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-) -> dict[str, float]:
-    """Train on the train split, select on the val split, write weights, card and history.
-
-    Checkpoints go to the stage's scratch folder after every epoch; a rerun after a crash or
-    kill continues from the last one.
-    """
-    from medseg.inference.model import save_model
-    from medseg.training.checkpoint import CHECKPOINT_FILE
-    from medseg.training.loop import sample_bytes, train_segmentation
-
-    folder = inputs["dataset"]
-    index = read_index(folder)
-    check_dataset(index, params)
-    splits = {
-        split: [_training_case(folder, record, index.channels) for record in index.split(split)]
-        for split in ("train", "val")
-    }
-    total = sum(sample_bytes(case, params) for cases in splits.values() for case in cases)
-    if total <= params.cache_gib * 2**30:
-        splits = {split: [_cached_case(case) for case in cases] for split, cases in splits.items()}
-    result = train_segmentation(
-        splits["train"],
-        splits["val"],
-        params,
-        seed=context.seed,
-        on_epoch=lambda epoch, metrics: context.log_metrics(metrics, step=epoch),
-        progress=context.progress,
-        checkpoint=context.scratch_dir / CHECKPOINT_FILE,
-    )
-    card = model_card(context, params, index, result, {k: len(v) for k, v in splits.items()})
-    save_model(outputs["model"], result.state_dict, card)
-    save_model(outputs["model"], result.last_state_dict, card, weights_file="last_weights.pt")
-    (outputs["model"] / "history.json").write_text(json.dumps(result.history, indent=2))
-    final = result.history[-1]
-    return {
-        "train/final_loss": final["train/loss"],
-        "train/best_epoch": float(result.best_epoch),
-        "train/epochs_run": float(result.epochs_run),
-        "train/world_size": float(result.world_size),
-        "train/resumed_from_epoch": float(result.resumed_from),
-        f"train/best_val_{params.select_on}": result.best_metric,
-    }
-
-
 def model_card(
     context: StageContext, params: TrainParams, index: DatasetIndex, result: Any, counts: dict[str, int]
 ) -> ModelCard:
@@ -155,13 +106,65 @@ def model_card(
     )
 
 
-STAGE = StageSpec(
-    name="train",
-    version=3,
-    params=TrainParams,
-    inputs=("dataset",),
-    outputs=("model",),
-    run=run,
-    distributed=True,
-    description="train a MONAI U-Net (foreground or boundary-aware), keeping the best validation weights",
-)
+class Train(Stage[TrainParams]):
+    """The ``train`` stage (see ``execute``)."""
+
+    name = "train"
+    version = 3
+    params = TrainParams
+    inputs = ports(dataset=Kind.DATASET)
+    outputs = ports(model=Kind.MODEL)
+    distributed = True
+    description = "train a MONAI U-Net (foreground or boundary-aware), keeping the best validation weights"
+
+    def execute(
+        self,
+        context: StageContext,
+        params: TrainParams,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+    ) -> dict[str, float]:
+        """Train on the train split, select on the val split, write weights, card and history.
+
+        Checkpoints go to the stage's scratch folder after every epoch; a rerun after a crash or
+        kill continues from the last one.
+        """
+        from medseg.inference.model import save_model
+        from medseg.training.checkpoint import CHECKPOINT_FILE
+        from medseg.training.loop import sample_bytes, train_segmentation
+
+        folder = inputs["dataset"]
+        index = read_index(folder)
+        check_dataset(index, params)
+        splits = {
+            split: [_training_case(folder, record, index.channels) for record in index.split(split)]
+            for split in ("train", "val")
+        }
+        total = sum(sample_bytes(case, params) for cases in splits.values() for case in cases)
+        if total <= params.cache_gib * 2**30:
+            splits = {split: [_cached_case(case) for case in cases] for split, cases in splits.items()}
+        result = train_segmentation(
+            splits["train"],
+            splits["val"],
+            params,
+            seed=context.seed,
+            on_epoch=lambda epoch, metrics: context.log_metrics(metrics, step=epoch),
+            progress=context.progress,
+            checkpoint=context.scratch_dir / CHECKPOINT_FILE,
+        )
+        card = model_card(context, params, index, result, {k: len(v) for k, v in splits.items()})
+        save_model(outputs["model"], result.state_dict, card)
+        save_model(outputs["model"], result.last_state_dict, card, weights_file="last_weights.pt")
+        (outputs["model"] / "history.json").write_text(json.dumps(result.history, indent=2))
+        final = result.history[-1]
+        return {
+            "train/final_loss": final["train/loss"],
+            "train/best_epoch": float(result.best_epoch),
+            "train/epochs_run": float(result.epochs_run),
+            "train/world_size": float(result.world_size),
+            "train/resumed_from_epoch": float(result.resumed_from),
+            f"train/best_val_{params.select_on}": result.best_metric,
+        }
+
+
+STAGE = Train()

@@ -10,9 +10,10 @@ from pydantic import Field
 
 from medseg.errors import DataError, StageError
 from medseg.params import Params
-from medseg.runner.contract import StageSpec
-from medseg.runner.engine import Runner, Workspace
+from medseg.runner.contract import Kind, Stage, ports
+from medseg.runner.engine import Runner
 from medseg.runner.spec import load_workflow
+from medseg.runner.workspace import Workspace
 from medseg.tracking.base import NullTracker
 
 CALLS: Counter[str] = Counter()
@@ -44,10 +45,26 @@ def _crash(context, params, inputs, outputs):
     raise ZeroDivisionError("boom")
 
 
+def _toy(stage_name: str, function, input_name: str) -> Stage[CountParams]:
+    """A toy stage: ``function`` from ``input_name`` (a source or a number) to a number."""
+
+    class Toy(Stage[CountParams]):
+        name = stage_name
+        version = 1
+        params = CountParams
+        inputs = ports(**{input_name: Kind.SOURCE if input_name == "source" else Kind.REPORT})
+        outputs = ports(number=Kind.REPORT)
+
+        def execute(self, context, params, inputs, outputs):
+            return function(context, params, inputs, outputs)
+
+    return Toy()
+
+
 REGISTRY = {
-    "count": StageSpec("count", 1, CountParams, ("source",), ("number",), _count),
-    "square": StageSpec("square", 1, CountParams, ("number",), ("number",), _square),
-    "crash": StageSpec("crash", 1, CountParams, ("number",), ("number",), _crash),
+    "count": _toy("count", _count, "source"),
+    "square": _toy("square", _square, "number"),
+    "crash": _toy("crash", _crash, "number"),
 }
 
 PIPELINE = """
