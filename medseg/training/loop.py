@@ -16,11 +16,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from medseg.collective import Collective, broadcast_flag, current, mean_over_ranks
 from medseg.errors import DataError, StageError
 from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
 from medseg.nets.unet import build_unet
 from medseg.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from medseg.training.losses import LossFunction, build_loss
+from medseg.training.optim import build_optimizer
 from medseg.training.params import TrainParams
 from medseg.training.targets import border_weight_map, make_target, target_classes
 
@@ -80,13 +83,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _distributed() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (all devices)."""
     import random
@@ -99,20 +95,6 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of every random choice in ``epoch`` (31-bit, distinct per epoch)."""
     return (seed * 1_000_003 + epoch * 7_919) % (2**31 - 1)
-
-
-def _optimizer(net: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
-    optim = params.optim
-    if optim.name == "sgd":
-        return torch.optim.SGD(
-            net.parameters(),
-            lr=optim.lr,
-            momentum=optim.momentum,
-            weight_decay=optim.weight_decay,
-            nesterov=True,
-        )
-    factory = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return factory(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, params: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
@@ -187,25 +169,33 @@ def validate(
     return {"val/dice": summary.dice, "val/seg": summary.seg, "val/iou": summary.iou}
 
 
-class SegmentationLoss:
-    """Dice+CE, the border-weighted CE, or both, on logits ``(N, K, *S)`` and targets ``(N, 1, *S)``."""
+@dataclass
+class _Session:
+    """Everything one training run holds: device, net (and its DDP wrapper), optimiser state."""
 
-    def __init__(self, params: TrainParams) -> None:
-        from monai.losses import DiceCELoss, DiceLoss
+    params: TrainParams
+    collective: Collective
+    device: torch.device
+    net: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss: LossFunction
+    state: TrainState
+    use_amp: bool
 
-        self.name = params.loss.name
-        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True)
-
-    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss in float32 (float16 logits from AMP make MONAI's Dice+CE NaN)."""
-        logits = logits.float()
-        target = batch["label"]
-        if self.name == "dice_ce":
-            return self.dice_ce(logits, target)
-        pixel_ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")
-        weighted = (pixel_ce * batch["weight"][:, 0]).mean()
-        return weighted + self.dice(logits, target) if self.name == "dice_border_ce" else weighted
+    def save(self, checkpoint: Path) -> None:
+        """Write the resumable training state to ``checkpoint``."""
+        save_checkpoint(
+            checkpoint,
+            net=self.net,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            state=self.state,
+            params=self.params.model_dump(mode="json"),
+        )
 
 
 def train_segmentation(
@@ -236,41 +226,61 @@ def train_segmentation(
         DataError: a case does not fit the params (dimensionality, patch size).
 
     """
-    from monai.data import Dataset
-
-    from medseg.training.augment import train_transforms
-
     if not train_cases:
         raise DataError("the train split is empty; add labelled cases or lower the split fractions")
     check_cases(train_cases, params, "train")
     check_cases(val_cases, params, "val")
-    rank, world = _distributed()
+    session = _start(params, train_cases[0].channels, seed, checkpoint)
+    resumed_from, rank, world = session.state.epoch, session.collective.rank, session.collective.world_size
+    dataset = _dataset(train_cases, params)
+    for epoch in range(session.state.epoch + 1, params.epochs + 1):
+        metrics = _run_epoch(session, dataset, seed, epoch)
+        stop = rank == 0 and _validate_epoch(
+            session.net, val_cases, params, session.device, epoch, metrics, session.state
+        )
+        session.state.epoch = epoch
+        session.state.history.append({"epoch": float(epoch), **metrics})
+        if rank == 0:
+            on_epoch(epoch, metrics)
+            progress("train", epoch, params.epochs, f"loss {metrics['train/loss']:.4f}")
+            if checkpoint is not None and (stop or _checkpoint_due(params, epoch)):
+                session.save(checkpoint)
+        if broadcast_flag(stop, world):
+            break
+    state, last = session.state, _copy_state(session.net)
+    best = state.best_state or last
+    return TrainResult(best, last, state.best_epoch, state.best_metric, state.history, resumed_from, world)
+
+
+def _checkpoint_due(params: TrainParams, epoch: int) -> bool:
+    return epoch % params.checkpoint_every == 0 or epoch == params.epochs
+
+
+def _start(params: TrainParams, channels: int, seed: int, checkpoint: Path | None) -> _Session:
+    """Build net, optimiser, schedule and loss on this rank's device; resume from ``checkpoint``."""
+    collective = current()
     device = resolve_device(params.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    if device.type == "cuda" and collective.world_size > 1:
+        device = torch.device("cuda", collective.rank % torch.cuda.device_count())
     use_amp = params.amp and device.type == "cuda"
     # CUDA: autotuned cuDNN kernels and AMP are fast but not bit-reproducible; CPU runs are.
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.backends.cudnn.deterministic = False
-
     seed_everything(seed)
     net = build_unet(
         params.net,
         spatial_dims=params.spatial_dims,
-        in_channels=train_cases[0].channels,
+        in_channels=channels,
         out_channels=target_classes(params.target),
     ).to(device)
     model: torch.nn.Module = net
-    if world > 1:
+    if collective.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == "cuda" else None
         )
-    optimizer = _optimizer(net, params)
+    optimizer = build_optimizer(net.parameters(), params.optim)
     scheduler = _scheduler(optimizer, params)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    loss_fn = SegmentationLoss(params)
-    param_document = params.model_dump(mode="json")
-
     state = TrainState()
     if checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(
@@ -279,79 +289,67 @@ def train_segmentation(
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=scaler,
-            params=param_document,
+            params=params.model_dump(mode="json"),
         )
-    resumed_from = state.epoch
+    loss = build_loss(params.loss)
+    return _Session(
+        params, collective, device, net, model, optimizer, scheduler, scaler, loss, state, use_amp
+    )
+
+
+def _dataset(train_cases: Sequence[TrainingCase], params: TrainParams) -> Any:
+    """The epoch's samples with their augmentation: prepared in memory when they fit, else lazily."""
+    from monai.data import Dataset
+
+    from medseg.training.augment import train_transforms
 
     transforms = train_transforms(params)
     if sum(sample_bytes(case, params) for case in train_cases) <= params.cache_gib * 2**30:
         samples = [prepare_sample(case, params) for case in train_cases]
-        dataset = Dataset(samples * params.epoch_repeats, transforms)
-    else:
-        from monai.transforms import Compose
+        return Dataset(samples * params.epoch_repeats, transforms)
+    from monai.transforms import Compose
 
-        dataset = Dataset(
-            list(train_cases) * params.epoch_repeats,
-            Compose([_PrepareSample(params), *transforms.transforms]),
-        )
-
-    for epoch in range(state.epoch + 1, params.epochs + 1):
-        seed_now = epoch_seed(seed, epoch)
-        seed_everything(seed_now + rank)
-        loader = _loader(dataset, params, seed_now, rank, world)
-        model.train()
-        losses = []
-        for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(batch["image"])
-            loss = loss_fn(logits, batch)
-            if not torch.isfinite(loss):
-                raise StageError(
-                    f"training loss became {loss.item()} at epoch {epoch}; the checkpoint of epoch "
-                    f"{epoch - 1} is kept. Lower train.optim.lr or check the intensity normalisation"
-                )
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.item()))
-        scheduler.step()
-        metrics = {
-            "train/loss": _mean_over_ranks(losses, world),
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/steps": float(len(losses)),
-        }
-        stop = rank == 0 and _validate_epoch(net, val_cases, params, device, epoch, metrics, state)
-        state.epoch = epoch
-        state.history.append({"epoch": float(epoch), **metrics})
-        if rank == 0:
-            on_epoch(epoch, metrics)
-            progress("train", epoch, params.epochs, f"loss {metrics['train/loss']:.4f}")
-            if checkpoint is not None and (
-                stop or epoch % params.checkpoint_every == 0 or epoch == params.epochs
-            ):
-                save_checkpoint(
-                    checkpoint,
-                    net=net,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    state=state,
-                    params=param_document,
-                )
-        if _broadcast_flag(stop, world):
-            break
-    last = _copy_state(net)
-    return TrainResult(
-        state.best_state or last,
-        last,
-        state.best_epoch,
-        state.best_metric,
-        state.history,
-        resumed_from,
-        world,
+    return Dataset(
+        list(train_cases) * params.epoch_repeats,
+        Compose([_PrepareSample(params), *transforms.transforms]),
     )
+
+
+def _run_epoch(session: _Session, dataset: Any, seed: int, epoch: int) -> dict[str, float]:
+    """Train one epoch (seeded from ``seed`` and ``epoch``), step the schedule; its ``train/*`` metrics."""
+    rank, world = session.collective.rank, session.collective.world_size
+    seed_now = epoch_seed(seed, epoch)
+    seed_everything(seed_now + rank)
+    losses = _train_epoch(session, _loader(dataset, session.params, seed_now, rank, world), epoch)
+    session.scheduler.step()
+    return {
+        "train/loss": mean_over_ranks(float(np.mean(losses)) if losses else math.nan, world),
+        "train/lr": session.scheduler.get_last_lr()[0],
+        "train/steps": float(len(losses)),
+    }
+
+
+def _train_epoch(session: _Session, loader: Any, epoch: int) -> list[float]:
+    """One pass over ``loader``; the loss of every optimiser step."""
+    device, optimizer, scaler = session.device, session.optimizer, session.scaler
+    session.model.train()
+    losses = []
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=session.use_amp):
+            logits = session.model(batch["image"])
+        loss = session.loss(logits, batch)
+        if not torch.isfinite(loss):
+            raise StageError(
+                f"training loss became {loss.item()} at epoch {epoch}; the checkpoint of epoch "
+                f"{epoch - 1} is kept. Lower train.optim.lr or check the intensity normalisation"
+            )
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.item()))
+    return losses
 
 
 def _validate_epoch(
@@ -397,23 +395,6 @@ def _loader(dataset: Any, params: TrainParams, seed: int, rank: int, world: int)
     return DataLoader(
         dataset, batch_size=params.batch_size, num_workers=params.num_workers, generator=generator, **order
     )
-
-
-def _mean_over_ranks(values: list[float], world: int) -> float:
-    mean = float(np.mean(values)) if values else float("nan")
-    if world == 1:
-        return mean
-    total = torch.tensor([mean])
-    torch.distributed.all_reduce(total)
-    return float(total.item()) / world
-
-
-def _broadcast_flag(flag: bool, world: int) -> bool:
-    if world == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    torch.distributed.broadcast(value, src=0)
-    return bool(value.item())
 
 
 def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,15 +9,8 @@ from pydantic import Field, model_validator
 from medseg.inference.settings import InferenceSettings, TargetKind
 from medseg.nets.unet import NetParams
 from medseg.params import Params
-
-
-class OptimParams(Params):
-    """Optimiser settings."""
-
-    name: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
-    momentum: float = Field(0.99, ge=0, lt=1)
+from medseg.training.losses import LossParams
+from medseg.training.optim import OptimParams
 
 
 class AugmentParams(Params):
@@ -39,25 +32,6 @@ class AugmentParams(Params):
     elastic: float = Field(0.0, ge=0, le=1)
     elastic_scale: float = Field(32.0, gt=0)
     elastic_magnitude: float = Field(6.0, ge=0)
-
-
-class LossParams(Params):
-    """Training loss.
-
-    - ``dice_ce``: Dice + cross-entropy (MONAI ``DiceCELoss``).
-    - ``border_ce``: the U-Net paper's weighted cross-entropy, weights
-      w(x) = w_c(x) + w0·exp(-(d1+d2)²/(2σ²)) (class balance plus a ridge between objects).
-    - ``dice_border_ce``: Dice + ``border_ce``.
-    """
-
-    name: Literal["dice_ce", "border_ce", "dice_border_ce"] = "dice_ce"
-    w0: float = Field(10.0, ge=0)
-    sigma: float = Field(5.0, gt=0)
-
-    @property
-    def weighted(self) -> bool:
-        """Whether the loss needs the border weight map."""
-        return self.name != "dice_ce"
 
 
 class TrainParams(Params):

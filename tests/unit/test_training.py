@@ -265,7 +265,7 @@ def test_3d_training_runs_on_patches_from_memory_or_disk(cache_gib):
 
 @pytest.mark.parametrize("loss", ["dice_ce", "border_ce", "dice_border_ce"])
 def test_losses_are_finite_on_float16_logits_as_amp_produces(loss):
-    from medseg.training.loop import SegmentationLoss
+    from medseg.training.losses import build_loss
 
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(8, 3, 64, 64, generator=generator) * 4).half()
@@ -273,7 +273,7 @@ def test_losses_are_finite_on_float16_logits_as_amp_produces(loss):
         "label": torch.randint(0, 3, (8, 1, 64, 64), generator=generator),
         "weight": torch.rand(8, 1, 64, 64, generator=generator) * 10,
     }
-    value = SegmentationLoss(tiny_params(loss={"name": loss}))(logits, batch)
+    value = build_loss(tiny_params(loss={"name": loss}).loss)(logits, batch)
     assert torch.isfinite(value) and value.dtype == torch.float32
 
 
