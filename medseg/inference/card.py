@@ -116,8 +116,8 @@ class ModelCard(_Section):
     @model_validator(mode="before")
     @classmethod
     def _migrate(cls, data: Any) -> Any:
-        """Bring a version-1 card (no ``card_version``) to this version."""
-        if not isinstance(data, dict) or data.get("card_version", 1) != 1:
+        """Bring a version-1 card (no ``card_version``, an ``intensity`` section) to this version."""
+        if not isinstance(data, dict) or "card_version" in data or "intensity" not in data:
             return data
         data = dict(data)
         data["card_version"] = CARD_VERSION

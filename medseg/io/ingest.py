@@ -7,20 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from medseg.errors import DataError
 from medseg.io.dataset import CaseRecord, DatasetIndex, write_index
 from medseg.io.dicom import SeriesRules, read_dicom_seg
 from medseg.io.geometry import check_same_grid, resample_to_grid
-from medseg.io.layouts import (
-    SourceCase,
-    discover_cases,
-    discover_ctc,
-    discover_msd,
-    discover_paired,
-    is_fully_annotated,
-)
+from medseg.io.layouts import LAYOUTS, SourceCase, is_fully_annotated
 from medseg.io.preprocessing import NormalizeParams, Preprocessing
 from medseg.io.readers import DICOM_SEG_SUFFIXES, image_suffix, read_image, write_image
 from medseg.io.volume import Volume
@@ -41,6 +34,7 @@ class IngestParams(Params):
     others not) out of training and validation: they would teach unannotated cells as
     background. They go to the test split, where SEG (per reference object) is valid.
 
+    ``layout`` names an entry of ``io.layouts.LAYOUTS`` (``ctc``, ``paired``, ``cases``, ``msd``).
     ``layout: cases`` reads one folder per case (``case_pattern``), with ``image`` and
     ``label`` globs inside it; a DICOM image folder is read as the series ``series`` selects.
     ``layout: msd`` reads a Decathlon / nnU-Net folder; its declared labels are the allowed
@@ -54,7 +48,7 @@ class IngestParams(Params):
     order) resamples 3D cases: images linearly, labels by nearest neighbour.
     """
 
-    layout: Literal["ctc", "paired", "cases", "msd"] = "ctc"
+    layout: str = "ctc"
     sequence: str = "01"
     images_dir: str = "images"
     labels_dir: str = "labels"
@@ -71,6 +65,12 @@ class IngestParams(Params):
     normalize: NormalizeParams = NormalizeParams()
     split: SplitParams = SplitParams()
 
+    @field_validator("layout")
+    @classmethod
+    def _registered_layout(cls, layout: str) -> str:
+        LAYOUTS.get(layout)
+        return layout
+
 
 ProgressFn = Callable[[str, float, float], None]
 
@@ -86,16 +86,7 @@ def discover(source: Path, params: IngestParams) -> tuple[list[SourceCase], Inge
         DataError: the layout's folders are missing or no case is found.
 
     """
-    if params.layout == "ctc":
-        cases = discover_ctc(source, params.sequence)
-    elif params.layout == "cases":
-        cases = discover_cases(source, params.case_pattern, params.image, params.label)
-    elif params.layout == "msd":
-        cases, declared = discover_msd(source)
-        if params.label_values is None:
-            params = params.model_copy(update={"label_values": tuple(sorted(declared))})
-    else:
-        cases = discover_paired(source, params.images_dir, params.labels_dir)
+    cases, params = LAYOUTS.get(params.layout)(source, params)
     if not cases:
         raise DataError(
             f"no annotated case found in the data input (layout '{params.layout}'); "

@@ -1,6 +1,7 @@
 """Dataset layouts on disk: discover (image, label) pairs in a source folder.
 
-Supported layouts:
+Each layout is one entry of ``LAYOUTS`` (name → ``discover(root, params)``); a new layout
+is a function here (or in a plugin) and one ``LAYOUTS.register`` line. Supported layouts:
 
 - ``ctc``: the Cell Tracking Challenge layout — frames ``<seq>/t<T>.tif``, instance masks
   ``<seq>_GT/SEG/man_seg<T>.tif`` and tracking markers ``<seq>_GT/TRA/man_track<T>.tif``.
@@ -17,13 +18,19 @@ Supported layouts:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medseg.errors import DataError
 from medseg.io.readers import IMAGE_SUFFIXES, image_stem, image_suffix
+from medseg.registry import Registry
+
+if TYPE_CHECKING:
+    from medseg.io.ingest import IngestParams
 
 _CTC_FRAME = re.compile(r"^t(\d+)\.tiff?$", re.IGNORECASE)
 _CTC_SEG = re.compile(r"^man_seg(\d+)\.tiff?$", re.IGNORECASE)
@@ -302,3 +309,28 @@ def discover_msd(root: Path) -> tuple[list[SourceCase], dict[int, str]]:
                 )
         cases.append(SourceCase(source_name=image_stem(label), image=image, label=label))
     return cases, labels
+
+
+Discover = Callable[[Path, "IngestParams"], "tuple[list[SourceCase], IngestParams]"]
+"""``discover(root, params) -> (cases, params)``: the cases of a source folder, and the ingest
+params completed by what the layout declares (e.g. an MSD dataset's label values)."""
+
+LAYOUTS: Registry[Discover] = Registry("layout")
+
+
+def _msd(root: Path, params: IngestParams) -> tuple[list[SourceCase], IngestParams]:
+    cases, declared = discover_msd(root)
+    if params.label_values is None:
+        params = params.model_copy(update={"label_values": tuple(sorted(declared))})
+    return cases, params
+
+
+LAYOUTS.register("ctc", lambda root, params: (discover_ctc(root, params.sequence), params))
+LAYOUTS.register(
+    "paired", lambda root, params: (discover_paired(root, params.images_dir, params.labels_dir), params)
+)
+LAYOUTS.register(
+    "cases",
+    lambda root, params: (discover_cases(root, params.case_pattern, params.image, params.label), params),
+)
+LAYOUTS.register("msd", _msd)

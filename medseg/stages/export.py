@@ -56,7 +56,7 @@ class Export(Stage[ExportParams]):
     """The ``export`` stage (see ``execute``)."""
 
     name = "export"
-    version = 4
+    version = 5
     params = ExportParams
     inputs = ports(model=Kind.MODEL, dataset=Kind.DATASET, report=Kind.REPORT)
     outputs = ports(export=Kind.EXPORT)

@@ -110,7 +110,7 @@ class Train(Stage[TrainParams]):
     """The ``train`` stage (see ``execute``)."""
 
     name = "train"
-    version = 3
+    version = 4
     params = TrainParams
     inputs = ports(dataset=Kind.DATASET)
     outputs = ports(model=Kind.MODEL)
