@@ -20,7 +20,9 @@ from medseg.io.preprocessing import Preprocessing
 from medseg.nets.unet import NetParams
 
 if TYPE_CHECKING:
-    from medseg.io.dicom_seg import SegmentInfo
+    from medseg.io.cohort import OutputFormat
+    from medseg.io.dicom import DicomSeries
+    from medseg.io.volume import Volume
 
 CARD_VERSION = 2
 """Version 2 (medseg 0.x, this release): ``preprocessing`` is the whole ``Preprocessing``
@@ -65,12 +67,6 @@ class SegmentRecord(_Section):
     label: str = "foreground"
     category: tuple[str, str] = ("85756007", "Tissue")
     property_type: tuple[str, str] = ("85756007", "Tissue")
-
-    def info(self) -> SegmentInfo:
-        """The segment as the DICOM SEG writer takes it."""
-        from medseg.io.dicom_seg import SegmentInfo
-
-        return SegmentInfo(self.number, self.label, self.category, self.property_type)
 
 
 class ModelCard(_Section):
@@ -136,10 +132,22 @@ class ModelCard(_Section):
         data["training"] = training
         return data
 
-    @property
-    def segment(self) -> SegmentRecord:
-        """The segment a DICOM SEG of this model's output holds (the first declared)."""
-        return self.segments[0] if self.segments else SegmentRecord()
+    def write_labels(
+        self, labels: Volume, path: Path, output_format: OutputFormat, *, series: DicomSeries | None = None
+    ) -> Path:
+        """Write this model's predicted ``labels`` as NIfTI, TIFF or DICOM SEG; return ``path``.
+
+        A DICOM SEG holds the card's first declared segment (default: foreground), names the
+        model as its algorithm and references ``series``, the source the labels were predicted on.
+        """
+        from medseg.io.cohort import write_labels
+        from medseg.io.dicom_seg import SegmentInfo
+
+        declared = self.segments[0] if self.segments else SegmentRecord()
+        segment = SegmentInfo(declared.number, declared.label, declared.category, declared.property_type)
+        return write_labels(
+            labels, path, output_format, segment=segment, algorithm=self.name or "unet", series=series
+        )
 
     @classmethod
     def parse(cls, document: dict[str, Any], *, where: str = "model card") -> ModelCard:

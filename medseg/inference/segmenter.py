@@ -14,10 +14,10 @@ from medseg.errors import DataError
 from medseg.inference.card import ModelCard
 from medseg.inference.model import network_from_card
 from medseg.inference.predict import segment_instances
-from medseg.io.cohort import OutputFormat, write_labels
 from medseg.io.volume import Volume, affine_from_spacing
 
 if TYPE_CHECKING:
+    from medseg.io.cohort import OutputFormat
     from medseg.io.dicom import DicomSeries
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -166,14 +166,7 @@ class Segmenter:
         self, labels: Volume, path: Path, output_format: OutputFormat, *, series: DicomSeries | None = None
     ) -> Path:
         """Write ``labels`` as NIfTI, TIFF or DICOM SEG (the card's segment; ``series``: its source)."""
-        return write_labels(
-            labels,
-            path,
-            output_format,
-            segment=self.card.segment.info(),
-            algorithm=self.card.name or "unet",
-            series=series,
-        )
+        return self.card.write_labels(labels, path, output_format, series=series)
 
     def _as_volume(
         self, image: Volume | np.ndarray | str | Path, spacing: tuple[float, ...] | None

@@ -181,12 +181,11 @@ class WriteMasks(Stage[WriteParams]):
     ) -> dict[str, float]:
         """Write each case's labels as ``case_XXXX<suffix>``; DICOM SEG references its source series."""
         from medseg.inference.card import ModelCard
-        from medseg.io.cohort import OUTPUT_SUFFIX, write_labels
+        from medseg.io.cohort import OUTPUT_SUFFIX
         from medseg.io.dicom import index_dicom
         from medseg.io.readers import read_image
 
         card = ModelCard.read(inputs["model"] / "model_card.json")
-        segment = card.segment.info()
         records = _records(inputs["images"])
         series = {}
         if params.format == "dicom-seg":
@@ -201,12 +200,10 @@ class WriteMasks(Stage[WriteParams]):
                     "DICOM, or the source changed); write.format: nifti writes any case"
                 )
             try:
-                write_labels(
+                card.write_labels(
                     labels,
                     outputs["masks"] / f"{case_id}{suffix}",
                     params.format,
-                    segment=segment,
-                    algorithm=card.name or "unet",
                     series=series.get(str(record["series"])),
                 )
             except DataError as exc:

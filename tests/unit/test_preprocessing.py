@@ -34,10 +34,22 @@ def _case_folder(tmp_path: Path, image: Path) -> Path:
     return tmp_path / "source"
 
 
+def _ctc_frame(tmp_path: Path) -> Path:
+    """A CTC layout holding GOWT1 frame 2 of sequence 01 and its reference mask only."""
+    gowt1 = require(GOWT1)
+    (tmp_path / "gowt1" / "01").mkdir(parents=True)
+    (tmp_path / "gowt1" / "01_GT" / "SEG").mkdir(parents=True)
+    (tmp_path / "gowt1" / "01" / "t002.tif").symlink_to(gowt1 / "01" / "t002.tif")
+    (tmp_path / "gowt1" / "01_GT" / "SEG" / "man_seg002.tif").symlink_to(
+        gowt1 / "01_GT" / "SEG" / "man_seg002.tif"
+    )
+    return tmp_path / "gowt1"
+
+
 SOURCES = {
     "2d-tiff": (
         {"layout": "ctc", "normalize": {"method": "percentile", "lower": 1.0, "upper": 99.8}},
-        lambda tmp: require(GOWT1),
+        _ctc_frame,
         lambda source: source / "01" / "t002.tif",
     ),
     "nifti": (
@@ -66,13 +78,6 @@ def test_ingest_cache_equals_what_the_segmenter_feeds_the_net(kind, tmp_path, mo
     )
     out = tmp_path / "dataset"
     out.mkdir()
-    if kind == "2d-tiff":  # ingest only frame 2 of sequence 01: a copy of the layout with that frame
-        subset = tmp_path / "gowt1"
-        (subset / "01").mkdir(parents=True)
-        (subset / "01_GT" / "SEG").mkdir(parents=True)
-        (subset / "01" / "t002.tif").symlink_to(source / "01" / "t002.tif")
-        (subset / "01_GT" / "SEG" / "man_seg002.tif").symlink_to(source / "01_GT" / "SEG" / "man_seg002.tif")
-        source = subset
     index, _ = ingest_dataset(source, params, out, seed=0, progress=lambda *args: None)
     (record,) = index.cases
     cached = read_image(out / record.image)
