@@ -27,7 +27,7 @@ from medseg.inference.segmenter import Segmenter
 from medseg.inference.settings import InferenceSettings
 from medseg.io.preprocessing import NormalizeParams, Preprocessing
 from medseg.io.volume import Volume, affine_from_spacing
-from medseg.nets.unet import NetParams, build_unet
+from medseg.nets.unet import NetParams, build_net
 
 GOWT1_FRAME = Path(__file__).resolve().parents[2] / "shared/data/ctc/Fluo-N2DH-GOWT1/01/t000.tif"
 
@@ -36,7 +36,7 @@ def make_segmenter(spatial_dims: int, roi: tuple[int, ...], channels: tuple[int,
     """A seeded, untrained U-Net with a foreground card (time does not depend on the weights)."""
     params = NetParams(channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=1)
     torch.manual_seed(0)
-    net = build_unet(params, spatial_dims=spatial_dims, in_channels=1, out_channels=2)
+    net = build_net(params, spatial_dims=spatial_dims, in_channels=1, out_channels=2)
     card = ModelCard(
         spatial_dims=spatial_dims,
         in_channels=1,

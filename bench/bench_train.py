@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medseg.demo import phantom_frame
-from medseg.nets.unet import build_unet
+from medseg.nets.unet import build_net
 from medseg.training.augment import train_transforms
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import TrainingCase, prepare_sample, resolve_device, train_segmentation
@@ -43,7 +43,7 @@ def plain_loop(cases: list[TrainingCase], params: TrainParams, device: torch.dev
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
-    net = build_unet(params.net, spatial_dims=2, in_channels=1, out_channels=2).to(device)
+    net = build_net(params.net, spatial_dims=2, in_channels=1, out_channels=2).to(device)
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=params.optim.lr, weight_decay=params.optim.weight_decay
     )

@@ -54,12 +54,12 @@ def write_ct_export(folder: Path) -> Path:
 
     import torch
 
-    from medseg.nets.unet import NetParams, build_unet
+    from medseg.nets.unet import NetParams, build_net
 
     folder.mkdir(parents=True, exist_ok=True)
     params = NetParams(channels=(4, 8), strides=(2,), num_res_units=0)
     torch.manual_seed(0)
-    net = build_unet(params, spatial_dims=3, in_channels=1, out_channels=2)
+    net = build_net(params, spatial_dims=3, in_channels=1, out_channels=2)
     torch.save(net.state_dict(), folder / "weights.pt")
     card = {
         "name": "ct-body",

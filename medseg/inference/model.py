@@ -9,7 +9,7 @@ import torch
 
 from medseg.errors import DataError
 from medseg.inference.card import ModelCard
-from medseg.nets.unet import build_unet
+from medseg.nets.unet import build_net
 
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "model.json"
@@ -60,7 +60,7 @@ def network_from_card(card: ModelCard, weights_path: Path, *, fix: str) -> torch
 
     """
     try:
-        net = build_unet(
+        net = build_net(
             card.net,
             spatial_dims=card.spatial_dims,
             in_channels=card.in_channels,

@@ -68,7 +68,7 @@ class IngestParams(Params):
     @field_validator("layout")
     @classmethod
     def _registered_layout(cls, layout: str) -> str:
-        LAYOUTS.get(layout)
+        LAYOUTS.lookup(layout)
         return layout
 
 
@@ -86,7 +86,7 @@ def discover(source: Path, params: IngestParams) -> tuple[list[SourceCase], Inge
         DataError: the layout's folders are missing or no case is found.
 
     """
-    cases, params = LAYOUTS.get(params.layout)(source, params)
+    cases, params = LAYOUTS.lookup(params.layout)(source, params)
     if not cases:
         raise DataError(
             f"no annotated case found in the data input (layout '{params.layout}'); "

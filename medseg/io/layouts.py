@@ -1,7 +1,8 @@
 """Dataset layouts on disk: discover (image, label) pairs in a source folder.
 
 Each layout is one entry of ``LAYOUTS`` (name → ``discover(root, params)``); a new layout
-is a function here (or in a plugin) and one ``LAYOUTS.register`` line. Supported layouts:
+is a function here and one ``LAYOUTS.register`` line, or a function an installed package declares
+under the entry-point group ``medseg.layouts``. medseg's own layouts:
 
 - ``ctc``: the Cell Tracking Challenge layout — frames ``<seq>/t<T>.tif``, instance masks
   ``<seq>_GT/SEG/man_seg<T>.tif`` and tracking markers ``<seq>_GT/TRA/man_track<T>.tif``.
@@ -27,7 +28,7 @@ import numpy as np
 
 from medseg.errors import DataError
 from medseg.io.readers import IMAGE_SUFFIXES, image_stem, image_suffix
-from medseg.registry import Registry
+from medseg.registry import Registry, callable_entry
 
 if TYPE_CHECKING:
     from medseg.io.ingest import IngestParams
@@ -315,7 +316,7 @@ Discover = Callable[[Path, "IngestParams"], "tuple[list[SourceCase], IngestParam
 """``discover(root, params) -> (cases, params)``: the cases of a source folder, and the ingest
 params completed by what the layout declares (e.g. an MSD dataset's label values)."""
 
-LAYOUTS: Registry[Discover] = Registry("layout")
+LAYOUTS: Registry[Discover] = Registry("layout", group="medseg.layouts", adapt=callable_entry)
 
 
 def _msd(root: Path, params: IngestParams) -> tuple[list[SourceCase], IngestParams]:

@@ -1,5 +1,5 @@
-"""Network builders returning MONAI networks."""
+"""Networks by name: MONAI's U-Net, the original U-Net layout, and plugins (``NETS``)."""
 
-from medseg.nets.unet import NetParams, build_unet
+from medseg.nets.unet import NETS, NetEntry, NetParams, build_net
 
-__all__ = ["NetParams", "build_unet"]
+__all__ = ["NETS", "NetEntry", "NetParams", "build_net"]

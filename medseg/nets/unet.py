@@ -1,24 +1,58 @@
-"""MONAI U-Net builder from a params model."""
+"""Networks by name (``train.net.architecture``): MONAI's U-Net, the original U-Net layout, plugins.
+
+A network is one ``NETS`` entry: a builder ``build(params, spatial_dims=, in_channels=,
+out_channels=)`` returning a ``torch.nn.Module`` that maps ``(N, in_channels, *spatial)`` to
+logits ``(N, out_channels, *spatial)``, and optionally its own params model (further keys of
+``train.net``). An installed package adds one by declaring a ``NetEntry`` under the entry-point
+group ``medseg.nets``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from medseg.params import Params
+from medseg.registry import Registry, instance_of
 
 if TYPE_CHECKING:
     import torch
 
 
+class NetBuilder(Protocol):
+    """``build(params, *, spatial_dims, in_channels, out_channels) -> torch.nn.Module``."""
+
+    def __call__(
+        self, params: NetParams, *, spatial_dims: int, in_channels: int, out_channels: int
+    ) -> torch.nn.Module:
+        """The network, untrained."""
+
+
+@dataclass(frozen=True)
+class NetEntry:
+    """A registered network: its builder, its own params model (or None) and its size divisor.
+
+    ``size_divisor(params)``: spatial sizes fed to the net must be multiples of it (default:
+    the product of ``params.strides``).
+    """
+
+    build: NetBuilder
+    params: type[Params] | None = None
+    size_divisor: Callable[[NetParams], int] | None = None
+
+
+NETS: Registry[NetEntry] = Registry("net", group="medseg.nets", adapt=instance_of(NetEntry))
+
 RONNEBERGER_CHANNELS = (64, 128, 256, 512, 1024)
 
 
 class NetParams(Params):
-    """U-Net architecture, width and depth.
+    """Network architecture (a registered net), width and depth.
 
-    ``architecture``:
+    ``architecture`` (medseg's own; plugins add more, their own params as further keys):
       - ``unet``: MONAI ``UNet`` — ``channels`` per level, ``strides`` between levels (one
         fewer), ``num_res_units`` residual units per block (0 = plain convolutions).
       - ``ronneberger``: the original U-Net layout (Ronneberger et al. 2015) from MONAI
@@ -28,7 +62,9 @@ class NetParams(Params):
         output has the input's size (the paper's unpadded variant needs overlap-tile input).
     """
 
-    architecture: Literal["unet", "ronneberger"] = "unet"
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    architecture: str = "unet"
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = Field(2, ge=0)
@@ -44,6 +80,12 @@ class NetParams(Params):
 
     @model_validator(mode="after")
     def _levels(self) -> NetParams:
+        entry = NETS.lookup(self.architecture)
+        extra = self.model_extra or {}
+        if extra and entry.params is None:
+            raise ValueError(f"net '{self.architecture}' takes no parameter {', '.join(sorted(extra))}")
+        if entry.params is not None:
+            entry.params.model_validate(extra)
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
                 f"strides needs {len(self.channels) - 1} entries for {len(self.channels)} channels"
@@ -55,32 +97,54 @@ class NetParams(Params):
                 raise ValueError("the ronneberger architecture has no residual units; set num_res_units: 0")
         return self
 
+    def options(self) -> Params:
+        """The chosen net's own params (its entry's model), from the extra keys."""
+        entry = NETS.lookup(self.architecture)
+        if entry.params is None:
+            raise ValueError(f"net '{self.architecture}' has no params of its own")
+        return entry.params.model_validate(self.model_extra or {})
+
     @property
     def size_divisor(self) -> int:
         """Spatial sizes fed to the net must be multiples of this."""
+        custom = NETS.lookup(self.architecture).size_divisor
+        if custom is not None:
+            return custom(self)
         divisor = 1
         for stride in self.strides:
             divisor *= stride
         return divisor
 
 
-def build_unet(
+def build_net(
     params: NetParams, *, spatial_dims: int, in_channels: int, out_channels: int
 ) -> torch.nn.Module:
     """Build the network: ``(N, in_channels, *spatial)`` → logits ``(N, out_channels, *spatial)``."""
-    from monai.networks.nets import BasicUNet, UNet
+    return NETS.lookup(params.architecture).build(
+        params, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels
+    )
 
-    if params.architecture == "ronneberger":
-        return BasicUNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            features=(*params.channels, params.channels[0]),
-            act="relu",
-            norm=params.norm,
-            dropout=params.dropout,
-            upsample="deconv",
-        )
+
+def _ronneberger(
+    params: NetParams, *, spatial_dims: int, in_channels: int, out_channels: int
+) -> torch.nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=(*params.channels, params.channels[0]),
+        act="relu",
+        norm=params.norm,
+        dropout=params.dropout,
+        upsample="deconv",
+    )
+
+
+def _unet(params: NetParams, *, spatial_dims: int, in_channels: int, out_channels: int) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
     return UNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
@@ -91,3 +155,7 @@ def build_unet(
         dropout=params.dropout,
         norm=params.norm,
     )
+
+
+NETS.register("unet", NetEntry(_unet))
+NETS.register("ronneberger", NetEntry(_ronneberger))

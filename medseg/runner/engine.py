@@ -13,12 +13,15 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medseg._version import __version__
 from medseg.collective import Collective
 from medseg.errors import MedsegError, StageError
+from medseg.registry import plugin_versions
 from medseg.runner.cache import DigestMemo, Manifest, cache_key, library_versions
 from medseg.runner.contract import ProgressCallback, StageContext
 from medseg.runner.distributed import follow
@@ -87,8 +90,13 @@ class Runner:
             params=stage.params.model_dump(mode="json"),
             input_digests=digests,
             seed=seed,
-            versions=self.versions,
+            versions=self.versions_for(stage),
         )
+
+    def versions_for(self, stage: ResolvedStage) -> dict[str, str]:
+        """Library versions, plus those of the plugins ``stage`` is or names in its params."""
+        names = {stage.spec.name, *_strings(stage.params.model_dump(mode="json"))}
+        return {**self.versions, **plugin_versions(names)}
 
     def outputs(self, key: str, stage: ResolvedStage) -> dict[str, Path]:
         """The committed output folders of execution ``key``."""
@@ -327,7 +335,7 @@ class Runner:
                 output_digests={name: job.memo.tree_digest(path) for name, path in staged.items()},
                 metrics={name: float(value) for name, value in metrics.items()},
                 run_id=run_id,
-                versions=self.versions,
+                versions=self.versions_for(stage),
             )
             self.cache.commit(staged, manifest)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -374,3 +382,15 @@ def environment() -> dict[str, object]:
         "machine": platform.machine(),
         "packages": packages,
     }
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a JSON value (dict values, list items, the value itself)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medseg.errors import ConfigError
+from medseg.registry import Registry
 from medseg.resources import shipped_dir
 from medseg.runner.contract import Kind, Params, Stage
 
@@ -244,6 +245,11 @@ def load_pipeline(path: Path, registry: Mapping[str, Stage[Any]]) -> Pipeline:
     for stage_name, stage in pipeline.stages.items():
         where = f"{path.name}: stages.{stage_name}"
         if stage.uses not in registry:
+            if isinstance(registry, Registry):
+                try:
+                    registry.lookup(stage.uses)
+                except ValueError as error:
+                    raise ConfigError(f"{where}.uses: {error}") from error
             raise ConfigError(
                 f"{where}.uses: unknown stage type '{stage.uses}'{_closest(stage.uses, list(registry))}"
             )

@@ -20,7 +20,7 @@ from medseg.collective import Collective, broadcast_flag, current, mean_over_ran
 from medseg.errors import DataError, StageError
 from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
-from medseg.nets.unet import build_unet
+from medseg.nets.unet import build_net
 from medseg.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from medseg.training.losses import LossFunction, build_loss
 from medseg.training.optim import build_optimizer
@@ -267,7 +267,7 @@ def _start(params: TrainParams, channels: int, seed: int, checkpoint: Path | Non
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.backends.cudnn.deterministic = False
     seed_everything(seed)
-    net = build_unet(
+    net = build_net(
         params.net,
         spatial_dims=params.spatial_dims,
         in_channels=channels,

@@ -2,9 +2,12 @@
 
 A loss is built from ``LossParams``; keys of ``train.loss`` beyond the shared ones are the
 loss's own params, validated by the params model its entry declares. To add a loss: write
-its builder here (or in a plugin) and register it::
+its builder here and register it::
 
     LOSSES.register("focal", LossEntry(build_focal, params=FocalParams))
+
+or, from an installed package, declare the ``LossEntry`` under the entry-point group
+``medseg.losses`` (``focal = "my_package.losses:FOCAL"``).
 
 torch and MONAI are imported by the builders only, so validating a workflow stays light.
 """
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from pydantic import ConfigDict, Field, model_validator
 
 from medseg.params import Params
-from medseg.registry import Registry
+from medseg.registry import Registry, instance_of
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +46,7 @@ class LossEntry:
     weighted: bool = False
 
 
-LOSSES: Registry[LossEntry] = Registry("loss")
+LOSSES: Registry[LossEntry] = Registry("loss", group="medseg.losses", adapt=instance_of(LossEntry))
 
 
 class LossParams(Params):
@@ -65,7 +68,7 @@ class LossParams(Params):
 
     @model_validator(mode="after")
     def _registered(self) -> LossParams:
-        entry = LOSSES.get(self.name)
+        entry = LOSSES.lookup(self.name)
         extra = self.model_extra or {}
         if extra and entry.params is None:
             raise ValueError(f"loss '{self.name}' takes no parameter {', '.join(sorted(extra))}")
@@ -76,11 +79,11 @@ class LossParams(Params):
     @property
     def weighted(self) -> bool:
         """Whether the loss needs the border weight map."""
-        return LOSSES.get(self.name).weighted
+        return LOSSES.lookup(self.name).weighted
 
     def options(self) -> Params:
         """The chosen loss's own params (its entry's model), from the extra keys."""
-        entry = LOSSES.get(self.name)
+        entry = LOSSES.lookup(self.name)
         if entry.params is None:
             raise ValueError(f"loss '{self.name}' has no params of its own")
         return entry.params.model_validate(self.model_extra or {})
@@ -88,7 +91,7 @@ class LossParams(Params):
 
 def build_loss(params: LossParams) -> LossFunction:
     """The loss ``params`` names, computed in float32 (float16 logits from AMP make Dice+CE NaN)."""
-    loss = LOSSES.get(params.name).build(params)
+    loss = LOSSES.lookup(params.name).build(params)
 
     def in_float32(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return loss(logits.float(), batch)

@@ -1,7 +1,8 @@
 """Optimisers by name (``train.optim.name``): one registry entry per optimiser.
 
 An entry builds a ``torch.optim.Optimizer`` from the net's parameters and ``OptimParams``.
-To add one: ``OPTIMIZERS.register("lion", build_lion)``.
+To add one: ``OPTIMIZERS.register("lion", build_lion)``, or declare ``build_lion`` under the
+entry-point group ``medseg.optimizers`` of an installed package.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, model_validator
 
 from medseg.params import Params
-from medseg.registry import Registry
+from medseg.registry import Registry, callable_entry
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
 OptimizerBuilder = Callable[[Iterable["torch.nn.Parameter"], "OptimParams"], "torch.optim.Optimizer"]
 """``build(parameters, params) -> optimizer``."""
 
-OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimiser")
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry(
+    "optimiser", group="medseg.optimizers", adapt=callable_entry
+)
 
 
 class OptimParams(Params):
@@ -33,13 +36,13 @@ class OptimParams(Params):
 
     @model_validator(mode="after")
     def _registered(self) -> OptimParams:
-        OPTIMIZERS.get(self.name)
+        OPTIMIZERS.lookup(self.name)
         return self
 
 
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], params: OptimParams) -> torch.optim.Optimizer:
     """The optimiser ``params`` names, over ``parameters``."""
-    return OPTIMIZERS.get(params.name)(parameters, params)
+    return OPTIMIZERS.lookup(params.name)(parameters, params)
 
 
 def _adam(parameters: Iterable[torch.nn.Parameter], params: OptimParams) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ from medseg.io.dataset import read_index
 from medseg.io.ingest import IngestParams, ingest_dataset
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume
-from medseg.nets.unet import NetParams, build_unet
+from medseg.nets.unet import NetParams, build_net
 from tests.conftest import CT_SERIES, SHARED_DATA, require
 
 GOWT1 = SHARED_DATA / "ctc" / "Fluo-N2DH-GOWT1"
@@ -101,7 +101,7 @@ def test_ingest_cache_equals_what_the_segmenter_feeds_the_net(kind, tmp_path, mo
         return original(module, data, settings, **kwargs)
 
     monkeypatch.setattr(segmenter_module, "segment_instances", spy)
-    net = build_unet(net_params, spatial_dims=dims, in_channels=1, out_channels=2)
+    net = build_net(net_params, spatial_dims=dims, in_channels=1, out_channels=2)
     labels = Segmenter(net, card).predict(image_of(source))
 
     assert fed[0].dtype == cached.array.dtype == np.float32

@@ -12,7 +12,7 @@ import torch
 from medseg.demo import phantom_frame
 from medseg.errors import DataError, StageError
 from medseg.inference.predict import boundary_to_instances
-from medseg.nets.unet import NetParams, build_unet
+from medseg.nets.unet import NetParams, build_net
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import TrainingCase, train_segmentation
 from medseg.training.params import TrainParams
@@ -81,7 +81,7 @@ def test_border_weight_ridge_between_objects_is_the_papers_formula():
 def test_ronneberger_preset_is_the_papers_layout():
     params = NetParams.model_validate({"architecture": "ronneberger"})
     assert params.channels == (64, 128, 256, 512, 1024)
-    net = build_unet(params, spatial_dims=2, in_channels=1, out_channels=2)
+    net = build_net(params, spatial_dims=2, in_channels=1, out_channels=2)
     modules = list(net.modules())
     convs = [m for m in modules if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     ups = [m for m in modules if isinstance(m, torch.nn.ConvTranspose2d)]
