@@ -17,6 +17,7 @@ from medseg.collective import Collective
 from medseg.errors import TrackingError
 from medseg.io.volume import Volume
 from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
+from medseg.registry import Broken, Origin, registries
 from medseg.runner.contract import ProgressCallback
 from medseg.runner.engine import Runner
 from medseg.runner.outcome import PlannedStage, StageEvent
@@ -74,6 +75,37 @@ def model_registry(tracking_uri: str) -> ModelResolver:
         return download_model(source, tracking_uri, destination)
 
     return resolve
+
+
+@dataclass(frozen=True)
+class InstalledPlugins:
+    """What installed packages add to medseg's registries.
+
+    Attributes:
+        entries: one ``Origin`` (group, name, package, version) per entry that loaded.
+        broken: the entries that failed to load, each with a one-line reason.
+
+    """
+
+    entries: list[Origin]
+    broken: list[Broken]
+
+
+def installed_plugins() -> InstalledPlugins:
+    """Load and list every plugin entry of medseg's entry-point groups (stages, nets, losses, ...)."""
+    import medseg.io.layouts
+    import medseg.nets
+    import medseg.training.losses
+    import medseg.training.optim  # noqa: F401 - each module creates its registry
+
+    entries: list[Origin] = []
+    broken: list[Broken] = []
+    for registry in registries():
+        if registry.group is None:
+            continue
+        entries.extend(origin for name in registry if (origin := registry.origin(name)) is not None)
+        broken.extend(registry.broken())
+    return InstalledPlugins(entries, broken)
 
 
 def validate_workflow(path: str | Path) -> ResolvedWorkflow:

@@ -398,6 +398,26 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def plugins() -> None:
+    """List the stages, nets, losses, optimisers and layouts installed packages add."""
+    from medseg.api import installed_plugins
+
+    logging.getLogger("medseg.plugins").setLevel(logging.ERROR)  # the table shows the broken ones
+    found = installed_plugins()
+    if not found.entries and not found.broken:
+        console.print("no medseg plugins installed (entry-point groups medseg.stages, medseg.nets, ...)")
+        return
+    table = Table(show_header=True)
+    for column in ("group", "name", "package", "version"):
+        table.add_column(column)
+    for origin in found.entries:
+        table.add_row(origin.group, origin.name, origin.package, origin.version)
+    Console().print(table)
+    for broken in found.broken:
+        console.print(f"[red]broken[/]: {broken.origin}: {broken.reason}", soft_wrap=True, markup=True)
+
+
 @cache_app.command("gc")
 def cache_gc(
     keep: Annotated[list[Path] | None, typer.Argument(help="Workflows whose cached stages to keep.")] = None,

@@ -55,10 +55,10 @@ class TrainParams(Params):
     """
 
     spatial_dims: Literal[2, 3] = 2
-    net: NetParams = NetParams()
-    optim: OptimParams = OptimParams()
+    net: NetParams = Field(default_factory=NetParams)
+    optim: OptimParams = Field(default_factory=OptimParams)
     augment: AugmentParams = AugmentParams()
-    loss: LossParams = LossParams()
+    loss: LossParams = Field(default_factory=LossParams)
     target: TargetKind = "foreground"
     border_width: int = Field(2, ge=1)
     epochs: int = Field(20, ge=1)
