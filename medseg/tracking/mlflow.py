@@ -1,4 +1,4 @@
-"""MLflow implementation of the ``Tracker`` protocol (the only module importing mlflow).
+"""MLflow implementation of the ``Tracker`` protocol (with ``flavor.py``, the only modules importing mlflow).
 
 Runs are addressed by id through ``MlflowClient``; nesting uses the ``mlflow.parentRunId``
 tag, so the MLflow UI shows one parent run per workflow run with a child per stage.
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import numpy as np
 
 from medseg.errors import TrackingError
+from medseg.tracking import flavor
 from medseg.tracking.base import ModelInfo, RunStatus
 
 if TYPE_CHECKING:
@@ -27,9 +28,7 @@ if TYPE_CHECKING:
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-_PYFUNC_SOURCE = Path(__file__).with_name("mlflow_pyfunc.py")
 _MAX_PARAM_LENGTH = 6000
-_MODEL_ARTIFACTS = {"torchscript": "model.ts", "weights": "weights.pt", "card": "model_card.json"}
 
 
 def redact_uri(uri: str) -> str:
@@ -163,10 +162,12 @@ class MlflowTracker:
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
     ) -> ModelInfo:
-        """Log ``model_dir`` (an export folder) as an MLflow pyfunc model; register it if named.
+        """Log ``model_dir`` (an export folder) as an MLflow model; register it if named.
 
-        The model is defined from code (``mlflow_pyfunc.py``), not pickled; its artifacts are
-        the export's ``model.ts``, ``weights.pt`` and ``model_card.json``. A registered
+        The model has the ``medseg`` flavor (``tracking/flavor.py``: loads back as a
+        ``Segmenter``, card readable without weights) beside a pyfunc defined from code
+        (``mlflow_pyfunc.py``), not pickled; its artifacts are the export's ``model.ts``,
+        ``weights.pt`` and ``model_card.json``. A registered
         version gets the card's summary as its description, ``medseg.*`` tags (task, labels,
         spacing, metrics) and the ``aliases`` (moved from any older version).
         """
@@ -178,14 +179,13 @@ class MlflowTracker:
         signature = infer_signature(input_example, output_example)
         card = ModelCard.read(model_dir / "model_card.json")
         with _fluent_tracking_uri(mlflow, self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(_PYFUNC_SOURCE),
-                artifacts={name: str(model_dir / file) for name, file in _MODEL_ARTIFACTS.items()},
+            info = flavor.log_model(
+                model_dir,
+                "model",
+                registered_model_name=registered_name,
                 signature=signature,
                 input_example=input_example,
                 pip_requirements=pip_requirements,
-                registered_model_name=registered_name,
             )
         version = info.registered_model_version
         if registered_name is not None and version is not None:

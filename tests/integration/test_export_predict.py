@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,59 @@ def test_registered_version_has_alias_card_and_loads_from_every_source(registere
         medseg.Segmenter.load(
             "models:/phantom-cells@missing", resolver=medseg.model_registry(result.tracking_uri)
         )
+
+
+@pytest.fixture
+def fluent(registered):
+    """MLflow's fluent API pointed at the registry study's store for one test."""
+    import mlflow
+
+    mlflow.set_tracking_uri(registered[2].tracking_uri)
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+
+
+def test_medseg_flavor_loads_a_segmenter_and_reads_the_card_without_weights(registered, fluent, tmp_path):
+    import medseg.mlflow
+
+    _root, data, result = registered
+    uri = "models:/phantom-cells@champion"
+    info = fluent.models.get_model_info(uri)
+    assert {"medseg", "python_function"} <= set(info.flavors)
+    export = result.outputs["export"]["export"]
+    expected_card = medseg.ModelCard.read(export / "model_card.json")
+
+    # The card comes from MLmodel alone: with the weights gone from the artifact store it still loads.
+    stored = Path(
+        fluent.MlflowClient().get_logged_model(info.model_id).artifact_location.removeprefix("file://")
+    )
+    weights = stored / "artifacts" / "weights.pt"
+    weights.rename(weights.with_suffix(".away"))
+    try:
+        assert medseg.mlflow.load_card(uri) == expected_card
+        with pytest.raises(medseg.DataError, match=r"weights\.pt and model_card\.json needed"):
+            medseg.mlflow.load_model(uri, tmp_path / "without-weights")
+    finally:
+        weights.with_suffix(".away").rename(weights)
+
+    image = read_image(data / "01" / "t004.tif")
+    expected = medseg.Segmenter.from_export(export).predict(image).array
+    loaded = medseg.mlflow.load_model(uri, tmp_path / "download")
+    assert isinstance(loaded, medseg.Segmenter) and loaded.card == expected_card
+    np.testing.assert_array_equal(loaded.predict(image).array, expected)
+
+    # log_model from an export folder into a new run, then back through MLflow's own pyfunc API.
+    fluent.set_experiment("flavor")
+    with fluent.start_run():
+        logged = medseg.mlflow.log_model(export, registered_model_name="flavor-round-trip")
+    assert logged.flavors["medseg"]["card"]["name"] == expected_card.name
+    again = medseg.mlflow.load_model("models:/flavor-round-trip/1", tmp_path / "again")
+    np.testing.assert_array_equal(again.predict(image).array, expected)
+    pyfunc = fluent.pyfunc.load_model("models:/flavor-round-trip/1")
+    network_input = np.zeros((1, 1, 64, 64), np.float32)
+    assert pyfunc.predict(network_input).shape == (1, 64, 64)
+    with pytest.raises(medseg.DataError, match=r"not a medseg export folder, missing model\.ts, weights\.pt"):
+        medseg.mlflow.log_model(tmp_path / "not-an-export")
 
 
 def test_concurrent_predictions_equal_sequential_ones(registered):

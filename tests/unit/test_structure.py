@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracking",),
     ("runner",),
     ("stages",),
-    ("api", "demo", "__init__"),
+    ("api", "demo", "mlflow", "__init__"),
     ("cli",),
 )
 """Lowest first: a module may import its own layer and the layers below it, never above.

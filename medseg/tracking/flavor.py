@@ -1,0 +1,145 @@
+"""The ``medseg`` MLflow model flavor: an export folder as an MLflow model that loads back as a ``Segmenter``.
+
+A logged model has two flavors side by side in its ``MLmodel`` file:
+
+- ``python_function``: the model from code (``mlflow_pyfunc.py``) that ``mlflow.pyfunc`` and
+  ``mlflow models serve`` load where medseg is not installed;
+- ``medseg``: the medseg version, the folder of the export files (``artifacts``) and the whole
+  model card, so ``load_card`` reads the card from the registry by fetching ``MLmodel`` alone
+  (no weights), and ``load_model`` rebuilds the ``Segmenter`` (weights loaded weights-only).
+
+Used by ``medseg.mlflow`` (the public functions) and by the export stage's tracker. This module
+and ``tracking/mlflow.py`` are the only ones importing mlflow.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medseg._version import __version__
+from medseg.errors import DataError
+from medseg.inference.card import ModelCard
+
+if TYPE_CHECKING:
+    import numpy as np
+    from mlflow.models import Model, ModelInfo, ModelSignature
+
+    from medseg.inference.segmenter import Segmenter
+
+FLAVOR_NAME = "medseg"
+PYFUNC_SOURCE = Path(__file__).with_name("mlflow_pyfunc.py")
+EXPORT_FILES = {"torchscript": "model.ts", "weights": "weights.pt", "card": "model_card.json"}
+"""The export files the model carries (pyfunc artifact name → file); pyfunc copies them to ``artifacts/``."""
+_EXPORT_FOLDER = "artifacts"
+
+
+def save_model(
+    export_dir: str | Path,
+    path: str | Path,
+    *,
+    mlflow_model: Model | None = None,
+    signature: ModelSignature | None = None,
+    input_example: np.ndarray | None = None,
+    pip_requirements: list[str] | None = None,
+) -> None:
+    """Write the export folder ``export_dir`` as an MLflow model at ``path`` (medseg + pyfunc flavors).
+
+    Raises:
+        DataError: ``export_dir`` lacks an export file (``model.ts``, ``weights.pt``, ``model_card.json``).
+
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    export_dir = Path(export_dir)
+    missing = [file for file in EXPORT_FILES.values() if not (export_dir / file).is_file()]
+    if missing:
+        raise DataError(
+            f"{export_dir.name}: not a medseg export folder, missing {', '.join(missing)}; "
+            "pass the export stage's output (or `medseg export`)"
+        )
+    card = ModelCard.read(export_dir / EXPORT_FILES["card"])
+    mlflow_model = mlflow_model if mlflow_model is not None else Model()
+    mlflow.pyfunc.save_model(
+        path,
+        python_model=str(PYFUNC_SOURCE),
+        artifacts={name: str(export_dir / file) for name, file in EXPORT_FILES.items()},
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        mlflow_model=mlflow_model,
+    )
+    mlflow_model.add_flavor(
+        FLAVOR_NAME,
+        medseg_version=__version__,
+        export=_EXPORT_FOLDER,
+        card=card.model_dump(mode="json"),
+    )
+    mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def log_model(
+    export_dir: str | Path,
+    name: str = "model",
+    *,
+    registered_model_name: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: np.ndarray | None = None,
+    pip_requirements: list[str] | None = None,
+) -> ModelInfo:
+    """Log the export folder ``export_dir`` to the active MLflow run (registered when named)."""
+    from mlflow.models import Model
+
+    return Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=sys.modules[__name__],
+        flavor_name=FLAVOR_NAME,
+        registered_model_name=registered_model_name,
+        export_dir=export_dir,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+    )
+
+
+def flavor_configuration(flavors: Mapping[str, Any], model_uri: str) -> dict[str, Any]:
+    """The ``medseg`` section of a model's ``MLmodel`` flavors.
+
+    Raises:
+        DataError: the model was not logged by medseg (no ``medseg`` flavor).
+
+    """
+    if FLAVOR_NAME not in flavors:
+        raise DataError(
+            f"{model_uri}: not a medseg model (its flavors: {', '.join(sorted(flavors))}); "
+            "log it with medseg.mlflow.log_model or the export stage"
+        )
+    return dict(flavors[FLAVOR_NAME])
+
+
+def load_model(model_uri: str, dst_path: str | Path | None = None, *, device: str = "cpu") -> Segmenter:
+    """Load a logged medseg model (``models:/name@alias``, ``runs:/id/model``, ...) as a ``Segmenter``."""
+    import mlflow
+    from mlflow.models import Model
+
+    from medseg.inference.segmenter import Segmenter
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=str(dst_path) if dst_path is not None else None
+        )
+    )
+    configuration = flavor_configuration(Model.load(str(local)).flavors, model_uri)
+    return Segmenter.from_export(local / configuration["export"], device=device)
+
+
+def load_card(model_uri: str) -> ModelCard:
+    """The model card of a logged medseg model, read from its ``MLmodel`` file (no weights fetched)."""
+    from mlflow.models import get_model_info
+
+    configuration = flavor_configuration(get_model_info(model_uri).flavors, model_uri)
+    return ModelCard.model_validate(configuration["card"])
