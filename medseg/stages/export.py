@@ -56,7 +56,7 @@ class Export(Stage[ExportParams]):
     """The ``export`` stage (see ``execute``)."""
 
     name = "export"
-    version = 5
+    version = 6
     params = ExportParams
     inputs = ports(model=Kind.MODEL, dataset=Kind.DATASET, report=Kind.REPORT)
     outputs = ports(export=Kind.EXPORT)
