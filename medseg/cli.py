@@ -30,6 +30,10 @@ cache_app = typer.Typer(help="Manage the stage cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 tracking_app = typer.Typer(help="Tracking server housekeeping.", no_args_is_help=True)
 app.add_typer(tracking_app, name="tracking")
+orthanc_app = typer.Typer(help="Automatic segmentation of series arriving in Orthanc.", no_args_is_help=True)
+app.add_typer(orthanc_app, name="orthanc")
+ConfigArgument = Annotated[Path, typer.Argument(help="Auto-segmentation configuration (YAML).")]
+ORTHANC_PYTHON = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 
 console = Console(stderr=True)
 _state = {"debug": False}
@@ -416,6 +420,80 @@ def plugins() -> None:
     Console().print(table)
     for broken in found.broken:
         console.print(f"[red]broken[/]: {broken.origin}: {broken.reason}", soft_wrap=True, markup=True)
+
+
+@orthanc_app.command("configure")
+def orthanc_configure(config: ConfigArgument) -> None:
+    """Check the configuration, publish its rules to the queue, print Orthanc's settings (JSON)."""
+    import json
+    import sys
+
+    import medseg.orthanc
+    from medseg.orthanc.config import load_config
+    from medseg.orthanc.jobqueue import JobQueue
+
+    with _errors():
+        settings = load_config(config)
+    queue = JobQueue(settings.queue).create()
+    queue.publish_rules([rule.criteria() for rule in settings.rules])
+    snippet = {
+        "Plugins": [str(ORTHANC_PYTHON)],
+        "PythonScript": str(Path(medseg.orthanc.__file__).with_name("plugin.py")),
+        "StableAge": 60,
+        "Medseg": {"Queue": str(queue.root)},
+    }
+    sys.stdout.write(json.dumps(snippet, indent=2) + "\n")
+    console.print(
+        f"{len(settings.rules)} rule(s) published to {queue.root}; merge the JSON above into Orthanc's "
+        "configuration (with its DICOMweb plugin enabled), restart Orthanc, then run "
+        f"`medseg orthanc worker {config}`",
+        highlight=False,
+    )
+
+
+@orthanc_app.command("worker")
+def orthanc_worker(
+    config: ConfigArgument,
+    once: Annotated[bool, typer.Option("--once", help="Process the jobs due now, then exit.")] = False,
+) -> None:
+    """Segment queued series and store DICOM SEG back into Orthanc (SIGTERM: finish the job, exit)."""
+    import signal
+
+    from medseg.orthanc.config import load_config
+    from medseg.orthanc.worker import Worker
+
+    _quiet_libraries()
+    with _errors():
+        settings = load_config(config)
+        worker = Worker(settings, notify=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop())
+    console.print(f"medseg worker: queue {settings.queue}, {len(settings.rules)} rule(s)", highlight=False)
+    gc.enable()
+    processed = worker.run(once=once)
+    console.print(f"medseg worker: stopped after {processed} job(s)", highlight=False)
+
+
+@orthanc_app.command("jobs")
+def orthanc_jobs(config: ConfigArgument) -> None:
+    """Show the queue: jobs per state, and why failed or retrying jobs failed."""
+    from medseg.orthanc.config import load_config
+    from medseg.orthanc.jobqueue import JobQueue, read_json
+
+    with _errors():
+        settings = load_config(config)
+    queue = JobQueue(settings.queue).create()
+    Console().print(" ".join(f"{state}: {count}" for state, count in queue.counts().items()))
+    table = Table(show_header=True)
+    for column in ("job", "state", "rule", "attempts", "last error"):
+        table.add_column(column)
+    for state in ("pending", "failed"):
+        for path in sorted(queue.folder(state).glob("*.json")):
+            job = read_json(path)
+            if job.get("error"):
+                table.add_row(job["job"], state, job["rule"], str(job.get("attempts", 0)), job["error"])
+    if table.row_count:
+        Console().print(table)
 
 
 @cache_app.command("gc")

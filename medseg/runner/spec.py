@@ -215,6 +215,18 @@ def _parse(model: type[_Strict], data: Mapping[str, Any], source: str) -> Any:
         raise ConfigError(validation_message(exc, model, "", source)) from exc
 
 
+def load_yaml_model(path: Path, model: type[BaseModel], what: str) -> Any:
+    """Read the YAML file ``path`` into ``model``, checked like workflows.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or a wrong key or value (dotted path, cause
+            and the closest valid key).
+
+    """
+    data, _text = _read_yaml(path, what)
+    return _parse(model, data, path.name)
+
+
 def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():

@@ -128,3 +128,62 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+def orthanc_request(url: str, data: bytes | None = None, *, auth: tuple[str, str] | None = None) -> bytes:
+    """GET (or POST ``data`` to) an Orthanc URL, with HTTP basic ``auth``."""
+    import base64
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read()
+
+
+def start_orthanc(root: Path, settings: dict, *, auth: tuple[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start Orthanc on a free loopback port with ``settings`` (storage under ``root``).
+
+    Restarting with the same ``root`` keeps the port and the stored instances. Returns the
+    process and the REST root URL; its log is ``root/orthanc.log``.
+    """
+    import json
+    import time
+    import urllib.error
+
+    path = root / "orthanc.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+    else:
+        config = {
+            "Name": "medseg-test",
+            "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"),
+            "HttpPort": free_port(),
+            "DicomPort": free_port(),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {auth[0]: auth[1]},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **settings,
+        }
+        path.write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("a")
+    process = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    base = f"http://127.0.0.1:{config['HttpPort']}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            orthanc_request(f"{base}/system", auth=auth)
+            return process, base
+        except (OSError, urllib.error.URLError):
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.3)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +17,7 @@ from medseg.io.dicom import read_dicom_seg
 from medseg.io.dicomweb import DicomwebEndpoint, find_instances
 from medseg.io.geometry import resample_to_grid
 from tests.conftest import SHARED_DATA, require, write_ct_export
-from tests.integration.helpers import free_port, spy_on_stages
+from tests.integration.helpers import free_port, orthanc_request, spy_on_stages, start_orthanc
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,54 +32,20 @@ CT_3SLICE = SHARED_DATA / "dicom" / "dcmqi-segmentations" / "ct-3slice"
 
 
 def _request(url: str, data: bytes | None = None, *, auth: bool = True) -> bytes:
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if auth:
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.read()
+    return orthanc_request(url, data, auth=(USER, PASSWORD) if auth else None)
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, identified_ct):
     """Orthanc with DICOMweb on a free loopback port, password-protected, holding two real CT series."""
     root = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {
-        "Name": "medseg-test",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [str(PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    process = subprocess.Popen(
-        ["Orthanc", str(root / "orthanc.json")], stdout=log, stderr=log, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            _request(f"{base}/system")
-            break
-        except (OSError, urllib.error.URLError):
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    process, base = start_orthanc(root, {"Plugins": [str(PLUGIN)]}, auth=(USER, PASSWORD))
     for folder in (identified_ct[0], require(CT_3SLICE)):
         for path in sorted(folder.iterdir()):
             _request(f"{base}/instances", path.read_bytes())
     yield base, process
     process.terminate()
     process.wait(timeout=30)
-    log.close()
 
 
 def pacs_workflow(folder: Path, base: str, query: dict, *, model: Path) -> Path:

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runner",),
     ("stages",),
     ("api", "demo", "mlflow", "__init__"),
+    ("orthanc",),
     ("cli",),
 )
 """Lowest first: a module may import its own layer and the layers below it, never above.
