@@ -161,11 +161,12 @@ def test_a_matching_series_is_segmented_on_arrival_and_others_are_left_alone(aut
     folder, series_uid = identified_ct
     worker = autoseg.worker()
     try:
+        assert worker.stderr.readline().startswith("medseg worker: queue")  # started, waiting
         started = time.monotonic()
         series = autoseg.upload(folder)
         other = autoseg.upload(require(CT_3SLICE))  # CT too, but its description matches no rule
-        seconds = autoseg.wait_for(lambda: autoseg.segs_of(series_uid), "the SEG in Orthanc")
-        print(f"upload to SEG in Orthanc: {time.monotonic() - started:.1f} s (after upload {seconds:.1f} s)")
+        autoseg.wait_for(lambda: autoseg.segs_of(series_uid), "the SEG in Orthanc")
+        print(f"\nupload of 20 + 3 slices to SEG in Orthanc: {time.monotonic() - started:.1f} s")
     finally:
         worker.send_signal(signal.SIGTERM)
         _out, err = worker.communicate(timeout=120)
