@@ -85,19 +85,28 @@ def log_model(
     export_dir: str | Path,
     name: str = "model",
     *,
+    run_id: str | None = None,
     registered_model_name: str | None = None,
     signature: ModelSignature | None = None,
     input_example: np.ndarray | None = None,
     pip_requirements: list[str] | None = None,
 ) -> ModelInfo:
-    """Log the export folder ``export_dir`` to the active MLflow run (registered when named)."""
+    """Log the export folder ``export_dir`` to run ``run_id`` (default: the active run); register if named."""
     from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
 
+    model_id = None
+    if run_id is not None:  # in the run's experiment, whatever experiment the caller made active
+        client = MlflowClient()
+        experiment = client.get_run(run_id).info.experiment_id
+        model_id = client.create_logged_model(experiment, name=name, source_run_id=run_id).model_id
     return Model.log(
         artifact_path=None,
         name=name,
         flavor=sys.modules[__name__],
         flavor_name=FLAVOR_NAME,
+        run_id=run_id,
+        model_id=model_id,
         registered_model_name=registered_model_name,
         export_dir=export_dir,
         signature=signature,

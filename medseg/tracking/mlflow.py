@@ -178,10 +178,13 @@ class MlflowTracker:
         mlflow = self._mlflow
         signature = infer_signature(input_example, output_example)
         card = ModelCard.read(model_dir / "model_card.json")
-        with _fluent_tracking_uri(mlflow, self.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
+        # Logged by run id: the caller's active run or experiment (mlflow.set_experiment) is
+        # neither used nor changed.
+        with _fluent_tracking_uri(mlflow, self.tracking_uri):
             info = flavor.log_model(
                 model_dir,
                 "model",
+                run_id=run_id,
                 registered_model_name=registered_name,
                 signature=signature,
                 input_example=input_example,

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 import medseg
 from medseg.demo import write_phantom_ctc
 from medseg.io.readers import read_image
+from medseg.tracking.mlflow import MlflowTracker
 from tests.integration.helpers import FAST_TRAIN, run_cli, spy_on_stages, write_workflow
 
 pytestmark = pytest.mark.integration
@@ -104,6 +105,7 @@ def test_medseg_flavor_loads_a_segmenter_and_reads_the_card_without_weights(regi
     uri = "models:/phantom-cells@champion"
     info = fluent.models.get_model_info(uri)
     assert {"medseg", "python_function"} <= set(info.flavors)
+    assert str(fluent.MlflowClient().get_logged_model(info.model_id).status).endswith("READY")
     export = result.outputs["export"]["export"]
     expected_card = medseg.ModelCard.read(export / "model_card.json")
 
@@ -127,10 +129,24 @@ def test_medseg_flavor_loads_a_segmenter_and_reads_the_card_without_weights(regi
     np.testing.assert_array_equal(loaded.predict(image).array, expected)
 
     # log_model from an export folder into a new run, then back through MLflow's own pyfunc API.
-    fluent.set_experiment("flavor")
-    with fluent.start_run():
+    experiment = fluent.MlflowClient().create_experiment("flavor")
+    with fluent.start_run(experiment_id=experiment):
         logged = medseg.mlflow.log_model(export, registered_model_name="flavor-round-trip")
     assert logged.flavors["medseg"]["card"]["name"] == expected_card.name
+    # medseg's own logging goes to its run whatever the caller's fluent MLflow state is.
+    client = fluent.MlflowClient()
+    target = client.create_run(client.get_experiment_by_name("registry").experiment_id).info.run_id
+    with fluent.start_run(experiment_id=experiment):
+        tracker = MlflowTracker(result.tracking_uri)
+        example = np.zeros((1, 1, 64, 64), np.float32)
+        tracker.log_model(
+            target, export, input_example=example, output_example=example[:, 0].astype(np.int64)
+        )
+    assert [
+        model.source_run_id
+        for model in client.search_logged_models([client.get_run(target).info.experiment_id])
+        if model.source_run_id == target
+    ] == [target]
     again = medseg.mlflow.load_model("models:/flavor-round-trip/1", tmp_path / "again")
     np.testing.assert_array_equal(again.predict(image).array, expected)
     pyfunc = fluent.pyfunc.load_model("models:/flavor-round-trip/1")
