@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from medseg.errors import DataError
 from medseg.io.preprocessing import Preprocessing
 from medseg.io.readers import read_image
@@ -34,6 +36,9 @@ class CaseRecord:
 
     ``frame`` is the CTC time-point number, for writing results in the CTC layout;
     ``markers`` the CTC ``TRA`` marker image of the frame (one label per cell), for DET.
+    ``ignore`` a uint8 mask ``(1, *spatial)`` of voxels whose label is unknown (an
+    ``ignore_label`` region, or an unannotated cell of a sparse CTC frame): left out of the
+    loss and of overlap metrics.
     """
 
     case_id: str
@@ -44,6 +49,7 @@ class CaseRecord:
     fully_annotated: bool = True
     frame: int | None = None
     markers: str | None = None
+    ignore: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,13 @@ def read_index(folder: Path) -> DatasetIndex:
 def load_case(folder: Path, case: CaseRecord) -> tuple[Volume, Volume]:
     """Read a case's image ``(1, *spatial)`` float32 and label ``(1, *spatial)`` int32."""
     return read_image(folder / case.image), read_image(folder / case.label, kind="label")
+
+
+def load_ignore(folder: Path, case: CaseRecord) -> np.ndarray | None:
+    """A case's ignore mask ``(*spatial)`` bool (True: label unknown there), or None when it has none."""
+    if not case.ignore:
+        return None
+    return read_image(folder / case.ignore, kind="label").array[0] > 0
 
 
 def load_markers(folder: Path, case: CaseRecord) -> Volume | None:

@@ -13,7 +13,7 @@ from medseg.errors import DataError
 from medseg.io.dataset import CaseRecord, DatasetIndex, write_index
 from medseg.io.dicom import SeriesRules, read_dicom_seg
 from medseg.io.geometry import check_same_grid, resample_to_grid
-from medseg.io.layouts import LAYOUTS, SourceCase, is_fully_annotated
+from medseg.io.layouts import LAYOUTS, SourceCase, is_fully_annotated, unannotated_regions
 from medseg.io.preprocessing import NormalizeParams, Preprocessing
 from medseg.io.readers import DICOM_SEG_SUFFIXES, image_suffix, read_image, write_image
 from medseg.io.volume import Volume
@@ -33,6 +33,12 @@ class IngestParams(Params):
     ``train_on: fully_annotated`` keeps sparsely annotated CTC frames (some cells outlined,
     others not) out of training and validation: they would teach unannotated cells as
     background. They go to the test split, where SEG (per reference object) is valid.
+    ``train_on: annotated`` trains on every annotated frame: around each ``TRA`` marker that
+    no outline covers, a region of the frame's typical cell size is left out of the loss
+    (``io.layouts.unannotated_regions``). ``train_on: all`` trains on every frame as it is.
+    ``ignore_label``: voxels of this label value are unknown (partially labelled volumes,
+    sparsely annotated slices) — left out of the loss and of overlap metrics (nnU-Net v2's
+    ignore label); they become background in the cached label and a per-case ignore mask.
 
     ``layout`` names an entry of ``io.layouts.LAYOUTS`` (``ctc``, ``paired``, ``cases``, ``msd``).
     ``layout: cases`` reads one folder per case (``case_pattern``), with ``image`` and
@@ -56,7 +62,8 @@ class IngestParams(Params):
     image: str = "image*"
     label: str = "label*"
     series: SeriesRules = SeriesRules()
-    train_on: Literal["all", "fully_annotated"] = "fully_annotated"
+    train_on: Literal["all", "fully_annotated", "annotated"] = "fully_annotated"
+    ignore_label: int | None = Field(None, ge=1)
     labels: Literal["instances", "binary"] = "instances"
     label_values: tuple[int, ...] | None = None
     label_grid: Literal["require", "resample"] = "require"
@@ -134,8 +141,8 @@ def preprocessing_of(params: IngestParams) -> Preprocessing:
 
 def _read_case(
     case: SourceCase, params: IngestParams, preprocessing: Preprocessing
-) -> tuple[Volume, Volume, Volume | None]:
-    """Image, label and (CTC) marker volumes of one source case, checked and preprocessed.
+) -> tuple[Volume, Volume, Volume | None, np.ndarray]:
+    """Image, label, (CTC) markers and ignore mask of one source case, checked and preprocessed.
 
     The image goes through ``preprocessing.orient`` and ``finish`` (= ``apply``, what
     ``Segmenter.predict`` does); the label follows it onto the same grid.
@@ -159,8 +166,9 @@ def _read_case(
     values = np.unique(label.array)
     if values[0] < 0:
         raise DataError("label: negative label values; labels must be >= 0")
+    label, ignore = _ignored(label, params.ignore_label)
     if params.label_values is not None:
-        unknown = sorted(set(values.tolist()) - set(params.label_values) - {0})
+        unknown = sorted(set(values.tolist()) - set(params.label_values) - {0, params.ignore_label})
         if unknown:
             raise DataError(
                 f"label: values {unknown[:10]} are not among the declared "
@@ -175,7 +183,27 @@ def _read_case(
             f"markers: shape {markers.spatial_shape} differs from the mask's shape "
             f"{label.spatial_shape}; markers and masks must describe the same frame"
         )
-    return Volume(normalized.array, normalized.affine), label, markers
+    if markers is not None and params.train_on == "annotated":
+        ignore |= unannotated_regions(label.array[0], markers.array[0])
+    return Volume(normalized.array, normalized.affine), label, markers, ignore
+
+
+def _ignored(label: Volume, ignore_label: int | None) -> tuple[Volume, np.ndarray]:
+    """``label`` with its ``ignore_label`` voxels made background, and those voxels ``(*spatial)`` bool.
+
+    Raises:
+        DataError: the ignore label covers the whole case (nothing to learn or score there).
+
+    """
+    if ignore_label is None:
+        return label, np.zeros(label.spatial_shape, bool)
+    ignore = label.array[0] == ignore_label
+    if ignore.all():
+        raise DataError(
+            f"label: ingest.ignore_label {ignore_label} covers every voxel, so the case has nothing "
+            "to learn or score; label some of it or leave the case out"
+        )
+    return Volume(np.where(ignore, 0, label.array), label.affine, kind="label", meta=label.meta), ignore
 
 
 def ingest_dataset(
@@ -204,12 +232,13 @@ def ingest_dataset(
     if on_discovered is not None:
         on_discovered(source_map)
     records: list[CaseRecord] = []
+    unknown: set[str] = set()  # cases whose every voxel is ignored: nothing to train on
     spatial_dims, channels = None, 1
     preprocessing = preprocessing_of(params)
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"
         try:
-            image, label, markers = _read_case(case, params, preprocessing)
+            image, label, markers, ignore = _read_case(case, params, preprocessing)
         except DataError as exc:
             raise DataError(
                 f"case {case_id}: {exc} (its source is in the workspace's private/ case map)",
@@ -233,6 +262,11 @@ def ingest_dataset(
         write_image(label, folder / "label.nii.gz")
         if markers is not None:
             write_image(markers, folder / "markers.nii.gz")
+        if ignore.any():
+            mask = Volume(ignore[None].astype(np.uint8), label.affine, kind="label")
+            write_image(mask, folder / "ignore.nii.gz")
+        if ignore.all():
+            unknown.add(case_id)
         records.append(
             CaseRecord(
                 case_id=case_id,
@@ -245,10 +279,14 @@ def ingest_dataset(
                 ),
                 frame=case.frame,
                 markers=f"cases/{case_id}/markers.nii.gz" if markers is not None else None,
+                ignore=f"cases/{case_id}/ignore.nii.gz" if ignore.any() else None,
             )
         )
         progress("ingest", number, len(sources))
-    trainable = [rec.fully_annotated or params.train_on == "all" for rec in records]
+    trainable = [
+        (rec.fully_annotated or params.train_on != "fully_annotated") and rec.case_id not in unknown
+        for rec in records
+    ]
     if not any(trainable):
         raise DataError(
             "no fully annotated case to train on (every frame is sparsely annotated); "

@@ -149,6 +149,42 @@ def is_fully_annotated(label: np.ndarray, markers: np.ndarray | None) -> bool:
     return bool(np.array_equal(present, covered))
 
 
+def unannotated_regions(label: np.ndarray, markers: np.ndarray, *, scale: float = 1.5) -> np.ndarray:
+    """Where a sparsely annotated frame's unannotated objects lie: a mask to leave out of the loss.
+
+    Every marker that touches no annotated object marks an object nobody outlined. Its region
+    is the marker itself and a ball around the marker's centre of ``scale`` × the typical
+    object radius of the frame (the median equivalent radius of its annotated objects:
+    √(area/π) in 2D, ∛(3·volume/4π) in 3D), minus the annotated objects themselves.
+
+    Args:
+        label: instance labels ``(*spatial)`` (0 background).
+        markers: CTC ``TRA`` markers of the same shape (one label per object).
+        scale: how far past the typical radius the region reaches.
+
+    Returns:
+        bool ``(*spatial)``; all False when every marker lies on an annotated object.
+
+    """
+    from scipy import ndimage
+
+    uncovered = np.setdiff1d(np.unique(markers[markers > 0]), np.unique(markers[(markers > 0) & (label > 0)]))
+    if uncovered.size == 0:
+        return np.zeros(label.shape, bool)
+    sizes = np.bincount(label.ravel().astype(np.int64, copy=False))[1:]
+    sizes = sizes[sizes > 0]
+    if sizes.size == 0:
+        return np.ones(label.shape, bool)  # nothing outlined: the whole frame is unknown
+    typical = float(np.median(sizes))
+    radius = np.sqrt(typical / np.pi) if label.ndim == 2 else np.cbrt(3 * typical / (4 * np.pi))
+    blobs = np.isin(markers, uncovered)
+    centres = np.zeros(label.shape, bool)
+    for centre in ndimage.center_of_mass(blobs, markers, uncovered):
+        centres[tuple(round(value) for value in centre)] = True
+    near = ndimage.distance_transform_edt(~centres) <= scale * radius
+    return (near | blobs) & (label == 0)
+
+
 _CTC_RESULT = re.compile(r"^mask(\d+)\.tiff?$", re.IGNORECASE)
 
 

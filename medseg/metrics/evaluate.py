@@ -146,6 +146,7 @@ def evaluate_case(
     fully_annotated: bool = True,
     spacing: Sequence[float] | None = None,
     surface: bool = False,
+    ignore: np.ndarray | None = None,
 ) -> CaseMetrics:
     """SEG, DET, object matching, foreground IoU/Dice and (optionally) HD95/ASSD for one case.
 
@@ -158,9 +159,15 @@ def evaluate_case(
         fully_annotated: whether every object of the case is annotated in ``reference``.
         spacing: voxel spacing in mm per array axis (default 1).
         surface: also compute HD95 and average symmetric surface distance (mm).
+        ignore: bool ``(*spatial)``, voxels whose label is unknown (``ingest.ignore_label``):
+            prediction and reference count as background there for SEG, object matching and
+            overlap (DET, from the markers, sees the whole prediction).
 
     """
     detection = detection_counts(markers, prediction) if markers is not None else None
+    if ignore is not None:
+        prediction = np.where(ignore, 0, prediction)
+        reference = np.where(ignore, 0, reference) if reference is not None else None
     if reference is None:
         predicted_sizes = np.bincount(prediction.ravel().astype(np.int64, copy=False))[1:]
         predicted_sizes = predicted_sizes[predicted_sizes > 0]

@@ -33,7 +33,7 @@ class Evaluate(Stage[EvaluateParams]):
     """The ``evaluate`` stage (see ``execute``)."""
 
     name = "evaluate"
-    version = 4
+    version = 5
     params = EvaluateParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(report=Kind.REPORT)
@@ -50,7 +50,7 @@ class Evaluate(Stage[EvaluateParams]):
         from medseg.errors import DataError
         from medseg.inference.model import load_model
         from medseg.inference.predict import segment_instances
-        from medseg.io.dataset import load_case, load_markers, read_index
+        from medseg.io.dataset import load_case, load_ignore, load_markers, read_index
         from medseg.io.layouts import ctc_mask_name
         from medseg.io.readers import read_image, write_image
         from medseg.io.volume import Volume
@@ -80,6 +80,7 @@ class Evaluate(Stage[EvaluateParams]):
         for number, record in enumerate(records, start=1):
             image, label = load_case(folder, record)
             markers = load_markers(folder, record)
+            ignore = load_ignore(folder, record) if markers is None else None  # CTC: DET needs it all
             instances = segment_instances(
                 net, image.array, settings, device=device, sw_batch_size=params.sw_batch_size
             )
@@ -92,6 +93,7 @@ class Evaluate(Stage[EvaluateParams]):
                     fully_annotated=record.fully_annotated,
                     spacing=image.spacing,
                     surface=params.surface_distances,
+                    ignore=ignore,
                 )
             )
             name = ctc_mask_name(record.frame) if record.frame is not None else f"{record.case_id}.nii.gz"

@@ -7,21 +7,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, read_index
+import numpy as np
+
+from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, load_ignore, read_index
 from medseg.runner.contract import Kind, Stage, StageContext, ports
 from medseg.training.params import TrainParams
+from medseg.training.targets import IGNORED
 
 if TYPE_CHECKING:
     from medseg.inference.card import ModelCard
 
 
 def _training_case(folder: Path, record: CaseRecord, channels: int) -> Any:
-    """A ``TrainingCase`` that reads the record's files when it is loaded."""
+    """A ``TrainingCase`` that reads the record's files when it is loaded (ignored voxels: -1)."""
     from medseg.training.loop import TrainingCase
 
     def load() -> tuple[Any, Any]:
         image, label = load_case(folder, record)
-        return image.array, label.array[0]
+        ignore = load_ignore(folder, record)
+        if ignore is None:
+            return image.array, label.array[0]
+        return image.array, np.where(ignore, IGNORED, label.array[0]).astype(np.int32)
 
     return TrainingCase(record.case_id, channels, tuple(record.shape), load)
 
@@ -110,7 +116,7 @@ class Train(Stage[TrainParams]):
     """The ``train`` stage (see ``execute``)."""
 
     name = "train"
-    version = 4
+    version = 5
     params = TrainParams
     inputs = ports(dataset=Kind.DATASET)
     outputs = ports(model=Kind.MODEL)

@@ -25,10 +25,10 @@ from medseg.training.checkpoint import TrainState, load_checkpoint, save_checkpo
 from medseg.training.losses import LossFunction, build_loss
 from medseg.training.optim import build_optimizer
 from medseg.training.params import TrainParams
-from medseg.training.targets import border_weight_map, make_target, target_classes
+from medseg.training.targets import IGNORED, border_weight_map, make_target, target_classes
 
 CaseLoader = Callable[[], tuple[np.ndarray, np.ndarray]]
-"""Returns ``(image (C, *spatial) float32, instances (*spatial) int32)``."""
+"""Returns ``(image (C, *spatial) float32, instances (*spatial) int32)``; ``-1``: label unknown."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ def prepare_sample(case: TrainingCase, params: TrainParams) -> dict[str, np.ndar
     target = make_target(instances, params.target, params.border_width)
     sample = {"image": image, "label": target}
     if params.loss.weighted:
-        sample["weight"] = border_weight_map(instances, w0=params.loss.w0, sigma=params.loss.sigma)
+        known = np.maximum(instances, 0)
+        sample["weight"] = border_weight_map(known, w0=params.loss.w0, sigma=params.loss.sigma)
     return sample
 
 
@@ -164,7 +165,9 @@ def validate(
     for case in cases:
         image, reference = case.load()
         instances = segment_instances(net, image, params.inference, device=device)
-        results.append(evaluate_case(case.case_id, reference, instances))
+        unknown = reference == IGNORED
+        ignore = unknown if unknown.any() else None
+        results.append(evaluate_case(case.case_id, np.maximum(reference, 0), instances, ignore=ignore))
     summary = summarize(results)
     return {"val/dice": summary.dice, "val/seg": summary.seg, "val/iou": summary.iou}
 

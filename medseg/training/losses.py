@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import ConfigDict, Field, model_validator
 
+from medseg.errors import StageError
 from medseg.params import Params
 from medseg.registry import Registry, instance_of
+from medseg.training.targets import IGNORE_CLASS
 
 if TYPE_CHECKING:
     import torch
@@ -39,11 +41,15 @@ class LossFunction(Protocol):
 
 @dataclass(frozen=True)
 class LossEntry:
-    """A registered loss: its builder, its own params model (or None) and whether it needs weights."""
+    """A registered loss: its builder, its own params model (or None), whether it needs weights.
+
+    ``ignores``: the loss honours ``batch["valid"]`` (leaves out voxels of unknown label).
+    """
 
     build: Callable[[LossParams], LossFunction]
     params: type[Params] | None = None
     weighted: bool = False
+    ignores: bool = False
 
 
 LOSSES: Registry[LossEntry] = Registry("loss", group="medseg.losses", adapt=instance_of(LossEntry))
@@ -90,28 +96,93 @@ class LossParams(Params):
 
 
 def build_loss(params: LossParams) -> LossFunction:
-    """The loss ``params`` names, computed in float32 (float16 logits from AMP make Dice+CE NaN)."""
-    loss = LOSSES.lookup(params.name).build(params)
+    """The loss ``params`` names, computed in float32 (float16 logits from AMP make Dice+CE NaN).
+
+    Voxels whose target is ``IGNORE_CLASS`` (unknown label) are left out: the loss sees them
+    as background in ``batch["label"]`` and gets ``batch["valid"]`` ``(N, 1, *S)`` float32
+    (0 there, 1 elsewhere), which losses registered with ``ignores=True`` honour.
+
+    Raises:
+        StageError: a batch has unknown voxels and the loss cannot leave them out.
+
+    """
+    import torch
+
+    entry = LOSSES.lookup(params.name)
+    loss = entry.build(params)
 
     def in_float32(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        unknown = batch["label"] == IGNORE_CLASS
+        if bool(unknown.any()):
+            if not entry.ignores:
+                raise StageError(
+                    f"loss '{params.name}' cannot leave out unknown voxels (ingest.ignore_label or "
+                    "train_on: annotated); use dice_ce, border_ce or dice_border_ce"
+                )
+            label = torch.where(unknown, torch.zeros_like(batch["label"]), batch["label"])
+            batch = {**batch, "label": label, "valid": (~unknown).float()}
         return loss(logits.float(), batch)
 
     return in_float32
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean (optionally weighted) cross-entropy over the valid voxels.
+
+    Args:
+        logits: ``(N, K, *S)`` float32.
+        label: ``(N, 1, *S)`` integer classes.
+        valid: ``(N, 1, *S)`` float32, 1 where the voxel counts.
+        weight: ``(N, 1, *S)`` float32 per-voxel weights, or None.
+
+    """
+    import torch
+
+    pixel = torch.nn.functional.cross_entropy(logits, label[:, 0].long(), reduction="none")
+    if weight is not None:
+        pixel = pixel * weight[:, 0]
+    return (pixel * valid[:, 0]).sum() / valid.sum().clamp_min(1.0)
+
+
+def masked_dice(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss over the valid voxels, as MONAI's ``DiceLoss(to_onehot_y, softmax)`` computes it.
+
+    Per case and class (background included), 1 − (2·Σ p·t + 1e-5) / (Σ p + Σ t + 1e-5) over the
+    valid voxels, averaged; with every voxel valid it equals MONAI's value.
+    """
+    import torch
+
+    classes = logits.shape[1]
+    probabilities = torch.softmax(logits, dim=1) * valid
+    onehot = torch.nn.functional.one_hot(label[:, 0].long(), classes).movedim(-1, 1).float() * valid
+    dims = tuple(range(2, logits.ndim))
+    intersection = (probabilities * onehot).sum(dims)
+    total = probabilities.sum(dims) + onehot.sum(dims)
+    return (1.0 - (2.0 * intersection + 1e-5) / (total + 1e-5)).mean()
 
 
 def _dice_ce(params: LossParams) -> LossFunction:
     from monai.losses import DiceCELoss
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-    return lambda logits, batch: dice_ce(logits, batch["label"])
+
+    def loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "valid" not in batch:
+            return dice_ce(logits, batch["label"])
+        label, valid = batch["label"], batch["valid"]
+        return masked_dice(logits, label, valid) + masked_cross_entropy(logits, label, valid)
+
+    return loss
 
 
 def _border_ce(params: LossParams) -> LossFunction:
     import torch
 
     def border_ce(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pixel_ce = torch.nn.functional.cross_entropy(logits, batch["label"][:, 0].long(), reduction="none")
-        return (pixel_ce * batch["weight"][:, 0]).mean()
+        valid = batch.get("valid", torch.ones_like(batch["weight"]))
+        return masked_cross_entropy(logits, batch["label"], valid, batch["weight"])
 
     return border_ce
 
@@ -120,9 +191,15 @@ def _dice_border_ce(params: LossParams) -> LossFunction:
     from monai.losses import DiceLoss
 
     dice, border_ce = DiceLoss(to_onehot_y=True, softmax=True), _border_ce(params)
-    return lambda logits, batch: border_ce(logits, batch) + dice(logits, batch["label"])
+
+    def loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "valid" not in batch:
+            return border_ce(logits, batch) + dice(logits, batch["label"])
+        return border_ce(logits, batch) + masked_dice(logits, batch["label"], batch["valid"])
+
+    return loss
 
 
-LOSSES.register("dice_ce", LossEntry(_dice_ce))
-LOSSES.register("border_ce", LossEntry(_border_ce, weighted=True))
-LOSSES.register("dice_border_ce", LossEntry(_dice_border_ce, weighted=True))
+LOSSES.register("dice_ce", LossEntry(_dice_ce, ignores=True))
+LOSSES.register("border_ce", LossEntry(_border_ce, weighted=True, ignores=True))
+LOSSES.register("dice_border_ce", LossEntry(_dice_border_ce, weighted=True, ignores=True))

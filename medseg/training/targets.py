@@ -1,8 +1,9 @@
 """Training targets and loss weights made from instance labels, once per case, before sampling.
 
-All functions take instance labels ``(*spatial)`` (0 = background, 1..N objects, 2D or 3D)
-and return channel-first arrays ``(1, *spatial)`` that are cropped and augmented together with
-the image.
+All functions take instance labels ``(*spatial)`` (0 = background, 1..N objects, 2D or 3D;
+``IGNORED`` (-1) where the label is unknown) and return channel-first arrays ``(1, *spatial)``
+that are cropped and augmented together with the image. Unknown voxels get the class
+``IGNORE_CLASS`` in a target, which the losses leave out.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from scipy import ndimage
 from medseg.inference.settings import TargetKind
 
 BACKGROUND, INTERIOR, BORDER = 0, 1, 2
+IGNORED = -1
+"""Instance value of a voxel whose label is unknown (``ingest.ignore_label``, unannotated cells)."""
+IGNORE_CLASS = 255
+"""Class target value of such a voxel: the losses and metrics leave it out."""
 
 
 def target_classes(kind: TargetKind) -> int:
@@ -43,10 +48,17 @@ def boundary_target(instances: np.ndarray, border_width: int = 2) -> np.ndarray:
 
 
 def make_target(instances: np.ndarray, kind: TargetKind, border_width: int = 2) -> np.ndarray:
-    """The class target ``(1, *spatial)`` uint8 of ``kind`` for instance labels."""
-    if kind == "foreground":
-        return foreground_target(instances)
-    return boundary_target(instances, border_width)
+    """The class target ``(1, *spatial)`` uint8 of ``kind``; ``IGNORED`` voxels get ``IGNORE_CLASS``.
+
+    Unknown voxels count as background while the classes are made (an object beside them gets
+    its border), then are marked.
+    """
+    unknown = instances == IGNORED
+    known = np.where(unknown, 0, instances) if unknown.any() else instances
+    target = foreground_target(known) if kind == "foreground" else boundary_target(known, border_width)
+    if unknown.any():
+        target[0][unknown] = IGNORE_CLASS
+    return target
 
 
 def class_balance_weights(instances: np.ndarray) -> np.ndarray:
