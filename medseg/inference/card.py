@@ -47,6 +47,7 @@ class TrainingRecord(_Section):
     best_val: float | None = None
     loss: str = ""
     seed: int = 0
+    steps_per_s: float | None = None
 
 
 class PostprocessingRecord(_Section):

@@ -108,6 +108,7 @@ def model_card(
             best_val=result.best_metric,
             loss=params.loss.name,
             seed=context.seed,
+            steps_per_s=round(result.steps_per_s, 3),
         ),
     )
 
@@ -169,6 +170,7 @@ class Train(Stage[TrainParams]):
             "train/epochs_run": float(result.epochs_run),
             "train/world_size": float(result.world_size),
             "train/resumed_from_epoch": float(result.resumed_from),
+            "train/steps_per_s": result.steps_per_s,
             f"train/best_val_{params.select_on}": result.best_metric,
         }
 

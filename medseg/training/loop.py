@@ -8,6 +8,7 @@ batch, gradients are averaged, and only rank 0 validates, reports and writes che
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class TrainingCase:
 
 @dataclass
 class TrainResult:
-    """Best and last weights and the per-epoch history of metrics."""
+    """Best and last weights, the per-epoch history of metrics, and optimiser steps per second."""
 
     state_dict: dict[str, torch.Tensor]
     last_state_dict: dict[str, torch.Tensor]
@@ -57,6 +58,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     world_size: int = 1
+    steps_per_s: float = 0.0
 
     @property
     def epochs_run(self) -> int:
@@ -233,26 +235,96 @@ def train_segmentation(
         raise DataError("the train split is empty; add labelled cases or lower the split fractions")
     check_cases(train_cases, params, "train")
     check_cases(val_cases, params, "val")
+    dataset = _dataset(train_cases, params)
+    params = fit_steps_budget(params, len(dataset), bool(val_cases), current().world_size)
     session = _start(params, train_cases[0].channels, seed, checkpoint)
     resumed_from, rank, world = session.state.epoch, session.collective.rank, session.collective.world_size
-    dataset = _dataset(train_cases, params)
+    clock = _Clock(params)
     for epoch in range(session.state.epoch + 1, params.epochs + 1):
         metrics = _run_epoch(session, dataset, seed, epoch)
         stop = rank == 0 and _validate_epoch(
-            session.net, val_cases, params, session.device, epoch, metrics, session.state
+            session.net, val_cases, session.params, session.device, epoch, metrics, session.state
         )
+        stop = clock.lap(session, epoch, metrics) or stop
         session.state.epoch = epoch
         session.state.history.append({"epoch": float(epoch), **metrics})
         if rank == 0:
-            on_epoch(epoch, metrics)
-            progress("train", epoch, params.epochs, f"loss {metrics['train/loss']:.4f}")
-            if checkpoint is not None and (stop or _checkpoint_due(params, epoch)):
+            on_epoch(epoch, {**metrics, "train/steps_per_s": clock.rate})  # not in the reproducible history
+            progress("train", epoch, session.params.epochs, f"loss {metrics['train/loss']:.4f}")
+            if checkpoint is not None and (stop or _checkpoint_due(session.params, epoch)):
                 session.save(checkpoint)
         if broadcast_flag(stop, world):
             break
     state, last = session.state, _copy_state(session.net)
     best = state.best_state or last
-    return TrainResult(best, last, state.best_epoch, state.best_metric, state.history, resumed_from, world)
+    return TrainResult(
+        best, last, state.best_epoch, state.best_metric, state.history, resumed_from, world, clock.rate
+    )
+
+
+def fit_steps_budget(params: TrainParams, samples: int, validates: bool, world: int) -> TrainParams:
+    """``params`` with ``epochs`` set to the whole epochs a steps budget buys (unchanged otherwise).
+
+    Raises:
+        DataError: the budget does not reach the first validation.
+
+    """
+    if params.budget is None or params.budget.steps is None:
+        return params
+    per_epoch = max(1, math.ceil(samples / (params.batch_size * world)))
+    epochs = max(1, round(params.budget.steps / per_epoch))
+    if validates and params.budget.steps < per_epoch * min(params.val_every, epochs):
+        raise DataError(
+            f"train.budget.steps={params.budget.steps} ends before the first validation "
+            f"({per_epoch} steps per epoch × val_every {params.val_every}); raise the budget or lower "
+            "train.val_every / train.samples_per_image"
+        )
+    return params.model_copy(update={"epochs": epochs})
+
+
+class _Clock:
+    """Wall-clock bookkeeping of a run: ``train/steps_per_s``, and a minutes budget's schedule."""
+
+    def __init__(self, params: TrainParams) -> None:
+        self.started = time.monotonic()
+        self.steps = 0.0
+        self.rate = 0.0
+        self.seconds = (
+            0.0 if params.budget is None or params.budget.minutes is None else params.budget.minutes * 60
+        )
+
+    def lap(self, session: _Session, epoch: int, metrics: dict[str, float]) -> bool:
+        """Record the epoch; with a minutes budget, fit the schedule after epoch 1 and say when to stop.
+
+        Raises:
+            StageError: the first epoch and its validation alone took longer than the budget.
+
+        """
+        elapsed = time.monotonic() - self.started
+        self.steps += metrics["train/steps"]
+        self.rate = self.steps / max(elapsed, 1e-9)
+        if not self.seconds:
+            return False
+        per_epoch = elapsed / epoch
+        if epoch == 1:
+            if elapsed > self.seconds:
+                raise StageError(
+                    f"train.budget.minutes={self.seconds / 60:g} is too small for one epoch and its "
+                    f"validation ({elapsed / 60:.1f} min here); raise the budget to at least "
+                    f"{2 * elapsed / 60:.0f} min or use fewer samples_per_image"
+                )
+            fit = max(1, min(session.params.epochs, int(self.seconds // per_epoch)))
+            session.params = session.params.model_copy(update={"epochs": fit})
+            _set_horizon(session.scheduler, fit)
+        return epoch >= session.params.epochs or elapsed + per_epoch > self.seconds
+
+
+def _set_horizon(scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int) -> None:
+    """Make the learning-rate schedule end after ``epochs`` epochs."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        scheduler.T_max = epochs
+    elif isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
+        scheduler.total_iters = epochs
 
 
 def _checkpoint_due(params: TrainParams, epoch: int) -> bool:

@@ -34,6 +34,26 @@ class AugmentParams(Params):
     elastic_magnitude: float = Field(6.0, ge=0)
 
 
+class TrainBudget(Params):
+    """How much training to buy: optimiser ``steps`` (reproducible) or wall-clock ``minutes``.
+
+    The schedule (learning rate over epochs, the last validation) fits the budget instead of
+    ``train.epochs``. ``steps`` becomes a whole number of epochs; ``minutes`` is measured on
+    the first epoch (training and validation) and the rest is fitted to it, so two runs may
+    differ by an epoch. Every run records ``train/steps_per_s``, so a steps budget can be
+    set from a minutes run on the same machine.
+    """
+
+    steps: int | None = Field(None, ge=1)
+    minutes: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> TrainBudget:
+        if (self.steps is None) == (self.minutes is None):
+            raise ValueError("give either steps or minutes")
+        return self
+
+
 class TrainParams(Params):
     """Train a U-Net on the train split, validating on the val split.
 
@@ -52,6 +72,7 @@ class TrainParams(Params):
     of data-loading processes that prepare patches beside the training loop). Cases are held
     in memory when they fit in ``cache_gib``, else read from disk for every patch. The
     resumable checkpoint is written every ``checkpoint_every`` epochs (and at the end).
+    ``budget`` replaces ``epochs`` by a number of optimiser steps or minutes (``TrainBudget``).
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -62,6 +83,7 @@ class TrainParams(Params):
     target: TargetKind = "foreground"
     border_width: int = Field(2, ge=1)
     epochs: int = Field(20, ge=1)
+    budget: TrainBudget | None = None
     batch_size: int = Field(4, ge=1)
     patch_size: tuple[int, ...] = (128, 128)
     samples_per_image: int = Field(4, ge=1)

@@ -318,3 +318,22 @@ def test_data_loading_workers_keep_runs_reproducible():
     first, _ = train(tiny_params(num_workers=2, epochs=2))
     second, _ = train(tiny_params(num_workers=2, epochs=2))
     assert same_weights(first.last_state_dict, second.last_state_dict)
+
+
+def test_a_steps_budget_buys_whole_epochs_and_the_schedule_ends_with_it():
+    # 3 cases, batch 2 → 2 steps per epoch; 9 steps → 4 epochs (rounded), cosine reaching 0 at the last.
+    result, epochs = train(tiny_params(epochs=50, budget={"steps": 9}, val_every=2))
+    assert epochs == [1, 2, 3, 4]
+    assert [row["train/steps"] for row in result.history] == [2.0] * 4
+    assert result.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+    assert result.steps_per_s > 0
+    assert "val/seg" in result.history[-1]  # the last epoch of the budget validates
+
+
+def test_budgets_too_small_for_one_validation_are_refused():
+    with pytest.raises(DataError, match=r"train.budget.steps=3 ends before the first validation \(2 steps"):
+        train(tiny_params(budget={"steps": 3}, val_every=2))
+    with pytest.raises(StageError, match=r"train.budget.minutes=1e-05 is too small for one epoch"):
+        train(tiny_params(budget={"minutes": 0.00001}))
+    with pytest.raises(ValueError, match="give either steps or minutes"):
+        tiny_params(budget={"steps": 10, "minutes": 5})
