@@ -17,6 +17,7 @@ from bench import (
     bench_inference,
     bench_pipeline,
     bench_seg,
+    bench_sparse,
     bench_targets,
     bench_train,
 )
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "dicom": bench_dicom.run,
     "inference": bench_inference.run,
     "accuracy": bench_accuracy.run,
+    "sparse": bench_sparse.run,
 }
 
 
