@@ -42,7 +42,9 @@ TRAIN = {
 }
 
 
-def _run(mode: str, minutes: float, root: Path) -> tuple[Path, set[int], set[int], dict[str, float]]:
+def _run(
+    mode: str, minutes: float, root: Path, data: Path, overrides: dict[str, object]
+) -> tuple[Path, set[int], set[int], dict[str, float]]:
     """Run the pipeline; the export folder, frames trained/validated on, test frames, metrics."""
     split = (
         {"val_fraction": 0.25, "test_fraction": 0.25}
@@ -52,15 +54,16 @@ def _run(mode: str, minutes: float, root: Path) -> tuple[Path, set[int], set[int
             "test_fraction": 0.3,
         }
     )
-    train = {**TRAIN, "budget": {"minutes": minutes}}
+    train: dict[str, object] = {**TRAIN, "budget": {"minutes": minutes}}
     if mode == "annotated":
         train["epoch_repeats"] = 1  # 21 training frames: about as many patches per epoch as 2 × 4 visits
         train["val_every"] = 2
+    train.update(overrides)
     workflow = {
         "pipeline": "unet2d",
         "name": f"gowt1-{mode}",
         "seed": 0,
-        "inputs": {"data": str(DATA)},
+        "inputs": {"data": str(data)},
         "params": {
             "ingest": {"sequence": "01", "train_on": mode, "split": split},
             "train": train,
@@ -76,40 +79,47 @@ def _run(mode: str, minutes: float, root: Path) -> tuple[Path, set[int], set[int
     return result.outputs["export"]["export"], frames["train"] | frames["val"], frames["test"], result.metrics
 
 
-def _score(export: Path, frames: list[int], root: Path) -> Any:
+def _score(export: Path, frames: list[int], root: Path, data: Path) -> Any:
     """Segment ``frames`` with ``export`` and score them against the CTC ground truth."""
     segmenter = medseg.Segmenter.from_export(export)
     results, gt = root / "RES", root / "GT"
     for folder in (results, gt / "SEG", gt / "TRA"):
         folder.mkdir(parents=True)
     for frame in frames:
-        labels = segmenter.predict(read_image(DATA / "01" / f"t{frame:03d}.tif"))
+        labels = segmenter.predict(read_image(data / "01" / f"t{frame:03d}.tif"))
         write_image(
             Volume(labels.array.astype(np.uint16), labels.affine, kind="label"),
             results / f"mask{frame:03d}.tif",
         )
         for kind, prefix in (("SEG", "man_seg"), ("TRA", "man_track")):
-            (gt / kind / f"{prefix}{frame:03d}.tif").symlink_to(
-                DATA / "01_GT" / kind / f"{prefix}{frame:03d}.tif"
-            )
+            name = f"{prefix}{frame:03d}.tif"
+            (gt / kind / name).symlink_to(data / "01_GT" / kind / name)
     summary, _ = medseg.evaluate_masks(results, gt, surface=False)
     return summary
 
 
-def run(*, minutes: float = 6.0) -> list[dict[str, object]]:
-    """Both runs at ``minutes`` of training each, scored on the same held-out frames."""
+def run(
+    *, minutes: float = 6.0, data: Path = DATA, train: dict[str, object] | None = None
+) -> list[dict[str, object]]:
+    """Both runs at ``minutes`` of training each, scored on the same held-out frames.
+
+    ``data`` (a CTC dataset with sequence 01) and ``train`` (train param overrides) shrink it
+    for the smoke test.
+    """
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        runs = {mode: _run(mode, minutes, root) for mode in ("fully_annotated", "annotated")}
+        runs = {
+            mode: _run(mode, minutes, root, data, train or {}) for mode in ("fully_annotated", "annotated")
+        }
         common = sorted(runs["annotated"][2] - runs["fully_annotated"][1])
         markers = [
-            len(np.unique(read_image(DATA / "01_GT" / "TRA" / f"man_track{f:03d}.tif", kind="label").array))
+            len(np.unique(read_image(data / "01_GT" / "TRA" / f"man_track{f:03d}.tif", kind="label").array))
             - 1
             for f in common
         ]
         for mode, (export, used, _test, metrics) in runs.items():
-            summary = _score(export, common, root / f"score-{mode}")
+            summary = _score(export, common, root / f"score-{mode}", data)
             rows.append(
                 {
                     "training frames (train+val)": f"{mode}: {len(used)}",

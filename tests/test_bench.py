@@ -1,5 +1,6 @@
 """Each benchmark runs at tiny size, so that none of them rots (no timing is asserted)."""
 
+import numpy as np
 import pytest
 
 from bench import (
@@ -8,6 +9,7 @@ from bench import (
     bench_inference,
     bench_pipeline,
     bench_seg,
+    bench_sparse,
     bench_targets,
     bench_train,
 )
@@ -65,3 +67,19 @@ def test_accuracy_benchmark_smoke(tmp_path):
     rows = bench_accuracy.run(data=data, train=tiny)
     assert [row["method"] for row in rows] == ["medseg default 2D workflow", "plain MONAI script"]
     assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)
+
+
+def test_sparse_benchmark_smoke(tmp_path):
+    import tifffile
+
+    from medseg.demo import write_phantom_ctc
+
+    data = write_phantom_ctc(tmp_path / "phantom", frames=10, size=64)
+    for frame in range(6):  # sparse frames: only the first two cells outlined, every cell marked
+        path = data / "01_GT" / "SEG" / f"man_seg{frame:03d}.tif"
+        mask = tifffile.imread(path)
+        tifffile.imwrite(path, np.where(mask <= 2, mask, 0).astype(mask.dtype))
+    tiny = {"epochs": 2, "epoch_repeats": 1, "patch_size": [32, 32], "samples_per_image": 2, "val_every": 1}
+    rows = bench_sparse.run(minutes=5.0, data=data, train=tiny)
+    assert [row["training frames (train+val)"] for row in rows] == ["fully_annotated: 3", "annotated: 7"]
+    assert all(0 <= row["SEG"] <= 1 and 0 <= row["DET"] <= 1 and row["held-out frames"] >= 1 for row in rows)
