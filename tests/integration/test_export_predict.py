@@ -129,7 +129,8 @@ def test_medseg_flavor_loads_a_segmenter_and_reads_the_card_without_weights(regi
     np.testing.assert_array_equal(loaded.predict(image).array, expected)
 
     # log_model from an export folder into a new run, then back through MLflow's own pyfunc API.
-    experiment = fluent.MlflowClient().create_experiment("flavor")
+    artifacts = (tmp_path / "flavor-artifacts").as_uri()  # not ./mlruns of the working directory
+    experiment = fluent.MlflowClient().create_experiment("flavor", artifact_location=artifacts)
     with fluent.start_run(experiment_id=experiment):
         logged = medseg.mlflow.log_model(export, registered_model_name="flavor-round-trip")
     assert logged.flavors["medseg"]["card"]["name"] == expected_card.name
