@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,3 +32,21 @@ class Params(BaseModel):
             elif field.json_schema_extra == IDENTIFYING and value is not None:
                 data[name] = "sha256:" + hashlib.sha256(str(value).encode()).hexdigest()[:12]
         return data
+
+
+def own_params(what: str, name: str, model: type[Params] | None, extra: Mapping[str, Any]) -> Params | None:
+    """The keys of a section beyond its shared ones, checked by the named entry's own params model.
+
+    A loss's or a network's section (``train.loss``, ``train.net``) names a registry entry;
+    its further keys belong to that entry. Returns ``None`` for an entry without own params.
+
+    Raises:
+        ValueError: keys given to an entry that takes none (``{what} '{name}' takes no
+            parameter …``), or the entry's model refuses them.
+
+    """
+    if model is None:
+        if extra:
+            raise ValueError(f"{what} '{name}' takes no parameter {', '.join(sorted(extra))}")
+        return None
+    return model.model_validate(dict(extra))

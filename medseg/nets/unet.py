@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import ConfigDict, Field, model_validator
 
-from medseg.params import Params
+from medseg.params import Params, own_params
 from medseg.registry import Registry, instance_of
 
 if TYPE_CHECKING:
@@ -80,12 +80,7 @@ class NetParams(Params):
 
     @model_validator(mode="after")
     def _levels(self) -> NetParams:
-        entry = NETS.lookup(self.architecture)
-        extra = self.model_extra or {}
-        if extra and entry.params is None:
-            raise ValueError(f"net '{self.architecture}' takes no parameter {', '.join(sorted(extra))}")
-        if entry.params is not None:
-            entry.params.model_validate(extra)
+        own_params("net", self.architecture, NETS.lookup(self.architecture).params, self.model_extra or {})
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
                 f"strides needs {len(self.channels) - 1} entries for {len(self.channels)} channels"
@@ -99,10 +94,12 @@ class NetParams(Params):
 
     def options(self) -> Params:
         """The chosen net's own params (its entry's model), from the extra keys."""
-        entry = NETS.lookup(self.architecture)
-        if entry.params is None:
+        options = own_params(
+            "net", self.architecture, NETS.lookup(self.architecture).params, self.model_extra or {}
+        )
+        if options is None:
             raise ValueError(f"net '{self.architecture}' has no params of its own")
-        return entry.params.model_validate(self.model_extra or {})
+        return options
 
     @property
     def size_divisor(self) -> int:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from pydantic import ConfigDict, Field, model_validator
 
 from medseg.errors import StageError
-from medseg.params import Params
+from medseg.params import Params, own_params
 from medseg.registry import Registry, instance_of
 from medseg.training.targets import IGNORE_CLASS
 
@@ -74,12 +74,7 @@ class LossParams(Params):
 
     @model_validator(mode="after")
     def _registered(self) -> LossParams:
-        entry = LOSSES.lookup(self.name)
-        extra = self.model_extra or {}
-        if extra and entry.params is None:
-            raise ValueError(f"loss '{self.name}' takes no parameter {', '.join(sorted(extra))}")
-        if entry.params is not None:
-            entry.params.model_validate(extra)
+        own_params("loss", self.name, LOSSES.lookup(self.name).params, self.model_extra or {})
         return self
 
     @property
@@ -89,10 +84,10 @@ class LossParams(Params):
 
     def options(self) -> Params:
         """The chosen loss's own params (its entry's model), from the extra keys."""
-        entry = LOSSES.lookup(self.name)
-        if entry.params is None:
+        options = own_params("loss", self.name, LOSSES.lookup(self.name).params, self.model_extra or {})
+        if options is None:
             raise ValueError(f"loss '{self.name}' has no params of its own")
-        return entry.params.model_validate(self.model_extra or {})
+        return options
 
 
 def build_loss(params: LossParams) -> LossFunction:
