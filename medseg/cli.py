@@ -430,12 +430,10 @@ def orthanc_configure(config: ConfigArgument) -> None:
 
     import medseg.orthanc
     from medseg.orthanc.config import load_config
-    from medseg.orthanc.jobqueue import JobQueue
 
     with _errors():
         settings = load_config(config)
-    queue = JobQueue(settings.queue).create()
-    queue.publish_rules([rule.criteria() for rule in settings.rules])
+    queue = settings.open_queue()
     snippet = {
         "Plugins": [str(ORTHANC_PYTHON)],
         "PythonScript": str(Path(medseg.orthanc.__file__).with_name("plugin.py")),

@@ -128,6 +128,22 @@ def credentials_for(url: str, environ: Mapping[str, str] | None = None) -> tuple
     return (entry[0], entry[2] or "") if entry else None
 
 
+def checked_credentials(
+    url: str, what: str, environ: Mapping[str, str] | None = None
+) -> tuple[str, str] | None:
+    """``credentials_for(url)``, refused when they would cross the network in clear text.
+
+    Raises:
+        DataError: credentials are half set or malformed, or ``url`` is plain HTTP beyond
+            loopback while credentials are set (``what`` names the service in the message).
+
+    """
+    credentials = credentials_for(url, environ)
+    if credentials is not None:
+        refuse_clear_text_credentials(url, what, os.environ if environ is None else environ)
+    return credentials
+
+
 @contextmanager
 def _talking_to(endpoint: DicomwebEndpoint, action: str) -> Iterator[None]:
     """Turn connection and HTTP failures into one ``DataError`` naming the endpoint."""
@@ -153,10 +169,7 @@ def _client(endpoint: DicomwebEndpoint, environ: Mapping[str, str] | None) -> An
     from dicomweb_client.api import DICOMwebClient
 
     session = requests.Session()
-    credentials = credentials_for(endpoint.url, environ)
-    if credentials is not None:
-        refuse_clear_text_credentials(endpoint.url, "DICOMweb", os.environ if environ is None else environ)
-        session.auth = credentials
+    session.auth = checked_credentials(endpoint.url, "DICOMweb", environ)
     return DICOMwebClient(endpoint.url, session=session, timeout=endpoint.timeout_s)
 
 

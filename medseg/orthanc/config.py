@@ -28,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from medseg.errors import ConfigError
 from medseg.io.dicomweb import DicomwebEndpoint
+from medseg.orthanc.jobqueue import JobQueue
 from medseg.params import Params
 from medseg.runner.spec import load_yaml_model
 
@@ -113,6 +114,12 @@ class AutosegConfig(Params):
         if repeated:
             raise ValueError(f"rule names must be unique: {', '.join(repeated)}")
         return self
+
+    def open_queue(self) -> JobQueue:
+        """The job queue (created if new) with this configuration's rules published to the plugin."""
+        queue = JobQueue(self.queue).create()
+        queue.publish_rules([rule.criteria() for rule in self.rules])
+        return queue
 
     def rule(self, name: str) -> RouteRule | None:
         """The rule called ``name``, if configured."""

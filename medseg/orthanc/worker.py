@@ -25,11 +25,9 @@ import yaml
 
 from medseg.api import model_registry, run_workflow
 from medseg.errors import MedsegError
-from medseg.io.dicomweb import credentials_for
+from medseg.io.dicomweb import checked_credentials
 from medseg.orthanc.config import AutosegConfig, RouteRule
-from medseg.orthanc.jobqueue import JobQueue
 from medseg.runner.workspace import Workspace
-from medseg.transport import refuse_clear_text_credentials
 
 Notify = Callable[[str], None]
 
@@ -50,8 +48,7 @@ class Worker:
         self.config = config
         self.environ = os.environ if environ is None else environ
         self.notify = notify or (lambda line: None)
-        self.queue = JobQueue(config.queue).create()
-        self.queue.publish_rules([rule.criteria() for rule in config.rules])
+        self.queue = config.open_queue()
         self.stopping = False
 
     def run(self, *, once: bool = False) -> int:
@@ -159,10 +156,8 @@ class Worker:
         import requests
 
         url = f"{self.config.orthanc.url}/medseg/jobs/{job}/report"
-        auth = credentials_for(self.config.orthanc.url, self.environ)
         try:
-            if auth is not None:
-                refuse_clear_text_credentials(self.config.orthanc.url, "Orthanc", self.environ)
+            auth = checked_credentials(self.config.orthanc.url, "Orthanc", self.environ)
             response = requests.post(
                 url, data=json.dumps({"status": status, "message": message}), auth=auth, timeout=10
             )
