@@ -235,10 +235,11 @@ def train_segmentation(
         raise DataError("the train split is empty; add labelled cases or lower the split fractions")
     check_cases(train_cases, params, "train")
     check_cases(val_cases, params, "val")
-    dataset = _dataset(train_cases, params)
-    params = fit_steps_budget(params, len(dataset), bool(val_cases), current().world_size)
+    samples = len(train_cases) * params.epoch_repeats
+    params = fit_steps_budget(params, samples, bool(val_cases), current().world_size)
     session = _start(params, train_cases[0].channels, seed, checkpoint)
     resumed_from, rank, world = session.state.epoch, session.collective.rank, session.collective.world_size
+    dataset = _dataset(train_cases, params)
     clock = _Clock(params)
     for epoch in range(session.state.epoch + 1, params.epochs + 1):
         metrics = _run_epoch(session, dataset, seed, epoch)
@@ -264,6 +265,8 @@ def train_segmentation(
 
 def fit_steps_budget(params: TrainParams, samples: int, validates: bool, world: int) -> TrainParams:
     """``params`` with ``epochs`` set to the whole epochs a steps budget buys (unchanged otherwise).
+
+    ``samples`` is the number of dataset items an epoch visits (cases × ``epoch_repeats``).
 
     Raises:
         DataError: the budget does not reach the first validation.
