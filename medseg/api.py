@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 
 from medseg.collective import Collective
-from medseg.errors import TrackingError
+from medseg.errors import ConfigError, TrackingError
 from medseg.io.volume import Volume
 from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
 from medseg.registry import Broken, Origin, registries
@@ -171,6 +171,7 @@ def run_workflow(
     on_event: StageEvent | None = None,
     progress: ProgressCallback | None = None,
     collective: Collective | None = None,
+    upstream_of: Sequence[str] = (),
 ) -> WorkflowResult:
     """Run a workflow file, reusing cached stages, and track it.
 
@@ -185,12 +186,16 @@ def run_workflow(
         collective: this process's rank in a ``torchrun`` launch (from
             ``medseg.runner.distributed.collective_from_environment``); ranks > 0 train
             with rank 0 and track nothing.
+        upstream_of: run only the stages that produce these outputs (``"ingest.dataset"``)
+            and what they read; default: every stage.
 
     Raises:
         ConfigError, DataError, StageError, TrackingError: with a one-line cause and fix.
 
     """
     resolved = validate_workflow(path)
+    if upstream_of:
+        resolved = resolved.upstream_of(upstream_of)
     space = Workspace(Path(workspace).resolve())
     uri = tracking_uri or resolved.tracking_uri
     collective = collective or Collective()
@@ -221,6 +226,101 @@ def run_workflow(
         outputs={stage.name: stage.outputs for stage in outcome.stages},
         seconds={stage.name: stage.seconds for stage in outcome.stages},
     )
+
+
+@dataclass(frozen=True)
+class PlannedValue:
+    """One planned train param: dotted key (``train.patch_size``), JSON value and origin.
+
+    ``origin`` is ``planned`` (from the dataset's fingerprint), ``workflow`` (set in the
+    workflow file) or ``pipeline`` (a default of the pipeline definition).
+    """
+
+    key: str
+    value: object
+    origin: str
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The plan of one train stage: its values and what they were derived from."""
+
+    stage: str
+    values: list[PlannedValue]
+    facts: dict[str, object]
+
+
+def plan_workflow(
+    path: str | Path,
+    *,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    tracking_uri: str | None = None,
+    on_event: StageEvent | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[TrainingPlan]:
+    """The plan of each train stage of a workflow, as its training would use it.
+
+    Runs (or reuses from the cache) the stages that build the training dataset, reads the
+    dataset's fingerprint and plans on this machine's device with a trial step, exactly as
+    the train stage does.
+
+    Raises:
+        ConfigError: the workflow has no train stage, or the plan cannot fit its memory budget.
+        DataError, StageError, TrackingError: from building the dataset.
+
+    """
+    import yaml
+
+    from medseg.io.dataset import read_index
+    from medseg.io.fingerprint import read_fingerprint
+    from medseg.training.loop import resolve_device
+    from medseg.training.params import TrainParams
+    from medseg.training.planning import plan_training
+
+    resolved = validate_workflow(path)
+    trains = [stage for stage in resolved.stages if isinstance(stage.params, TrainParams)]
+    if not trains:
+        raise ConfigError(
+            f"workflow {resolved.name}: pipeline {resolved.pipeline.name} has no train stage; nothing to plan"
+        )
+    sources = [stage.inputs["dataset"] for stage in trains]
+    result = run_workflow(
+        path,
+        workspace=workspace,
+        tracking_uri=tracking_uri,
+        on_event=on_event,
+        progress=progress,
+        upstream_of=sources,
+    )
+    written = (yaml.safe_load(resolved.text) or {}).get("params") or {}
+    plans = []
+    for stage, source in zip(trains, sources, strict=True):
+        producer, output = source.split(".", 1)
+        folder = result.outputs[producer][output]
+        params = cast(TrainParams, stage.params)
+        plan = plan_training(
+            read_fingerprint(folder),
+            params,
+            train_cases=len(read_index(folder).split("train")),
+            device=resolve_device(params.device),
+        )
+        mine = written.get(stage.name) or {}
+        values = []
+        for key, value in plan.values.items():
+            origin = "planned"
+            if plan.origins[key] == "set":
+                origin = "workflow" if _has_key(mine, key) else "pipeline"
+            values.append(PlannedValue(f"{stage.name}.{key}", value, origin))
+        plans.append(TrainingPlan(stage.name, values, dict(plan.facts)))
+    return plans
+
+
+def _has_key(document: object, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(document, dict) or part not in document:
+            return False
+        document = document[part]
+    return True
 
 
 def evaluate_masks(

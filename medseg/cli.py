@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -223,6 +224,49 @@ def status(workflow: WorkflowArgument, workspace: WorkspaceOption = Path(".medse
         colour = "cyan" if stage.state == "cached" else "yellow"
         table.add_row(stage.name, f"[{colour}]{stage.state}[/]", (stage.key or "-")[:12])
     Console().print(table)
+
+
+@app.command()
+def plan(
+    workflow: WorkflowArgument,
+    workspace: WorkspaceOption = Path(".medseg"),
+    tracking_uri: TrackingOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Show the training plan: each planned value and whether the plan or the workflow set it.
+
+    Builds (or reuses) the dataset the train stage reads, then plans as training will.
+    """
+    from medseg.api import plan_workflow
+
+    _quiet_libraries()
+    with _errors():
+        plans = plan_workflow(workflow, workspace=workspace, tracking_uri=tracking_uri)
+    if as_json:
+        document = [
+            {
+                "stage": training.stage,
+                "values": {
+                    entry.key: {"value": entry.value, "origin": entry.origin} for entry in training.values
+                },
+                "facts": training.facts,
+            }
+            for training in plans
+        ]
+        typer.echo(json.dumps(document, indent=2))
+        return
+    for training in plans:
+        table = Table(show_header=True, title=f"plan of stage '{training.stage}'")
+        table.add_column("param")
+        table.add_column("value")
+        table.add_column("origin")
+        for entry in training.values:
+            colour = {"planned": "cyan", "workflow": "yellow"}.get(entry.origin, "white")
+            table.add_row(entry.key, json.dumps(entry.value), f"[{colour}]{entry.origin}[/]")
+        out = Console()
+        out.print(table)
+        facts = ", ".join(f"{key} {json.dumps(value)}" for key, value in training.facts.items())
+        out.print(f"from: {facts}")
 
 
 @app.command()

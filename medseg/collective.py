@@ -44,6 +44,17 @@ def broadcast_flag(flag: bool, world_size: int) -> bool:
     return bool(value.item())
 
 
+def broadcast_object(value: object, world_size: int) -> object:
+    """Rank 0's ``value`` (picklable) on every rank (``value`` itself when ``world_size`` is 1)."""
+    if world_size == 1:
+        return value
+    import torch
+
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def mean_over_ranks(value: float, world_size: int) -> float:
     """The mean of ``value`` over all ranks (``value`` itself when ``world_size`` is 1)."""
     if world_size == 1:

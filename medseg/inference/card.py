@@ -35,7 +35,12 @@ class _Section(BaseModel):
 
 
 class TrainingRecord(_Section):
-    """How the weights were trained (``best_val``: the ``select_on`` measure at ``best_epoch``)."""
+    """How the weights were trained (``best_val``: the ``select_on`` measure at ``best_epoch``).
+
+    ``planned`` names the train params the dataset's plan decided (the others were set by the
+    workflow or pipeline); their values are in the card (``net``, ``inference``) and in the
+    model's ``plan.json``.
+    """
 
     dataset_digest: str = ""
     train_cases: int = 0
@@ -48,6 +53,7 @@ class TrainingRecord(_Section):
     loss: str = ""
     seed: int = 0
     steps_per_s: float | None = None
+    planned: tuple[str, ...] = ()
 
 
 class PostprocessingRecord(_Section):

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from medseg.errors import DataError
 from medseg.io.dataset import CaseRecord, DatasetIndex, write_index
 from medseg.io.dicom import SeriesRules, read_dicom_seg
+from medseg.io.fingerprint import FingerprintBuilder, write_fingerprint
 from medseg.io.geometry import check_same_grid, resample_to_grid
 from medseg.io.layouts import LAYOUTS, SourceCase, is_fully_annotated, unannotated_regions
 from medseg.io.preprocessing import NormalizeParams, Preprocessing
@@ -140,12 +141,13 @@ def preprocessing_of(params: IngestParams) -> Preprocessing:
 
 
 def _read_case(
-    case: SourceCase, params: IngestParams, preprocessing: Preprocessing
+    case: SourceCase, params: IngestParams, preprocessing: Preprocessing, fingerprint: FingerprintBuilder
 ) -> tuple[Volume, Volume, Volume | None, np.ndarray]:
     """Image, label, (CTC) markers and ignore mask of one source case, checked and preprocessed.
 
     The image goes through ``preprocessing.orient`` and ``finish`` (= ``apply``, what
-    ``Segmenter.predict`` does); the label follows it onto the same grid.
+    ``Segmenter.predict`` does); the label follows it onto the same grid. The source
+    intensities inside and outside the label go to ``fingerprint``.
     """
     image = preprocessing.orient(preprocessing.read(case.image))
     if image_suffix(case.label) in DICOM_SEG_SUFFIXES:
@@ -157,12 +159,15 @@ def _read_case(
         if params.label_grid == "resample" or label.meta.get("modality") == "SEG":  # SEG: place on the grid
             label = resample_to_grid(label, image.spatial_shape, image.affine, order=0)
         check_same_grid(image, label, name="label")
-        label = preprocessing.resample(label, order=0)
     elif image.spatial_shape != label.spatial_shape:
         raise DataError(
             f"label: mask shape {label.spatial_shape} differs from the image's "
             f"shape {image.spatial_shape}; masks must match their image"
         )
+    known = label.array[0] != params.ignore_label if params.ignore_label is not None else None
+    labelled = label.array[0] if known is None else np.where(known, label.array[0], 0)
+    fingerprint.add_intensities(image.array, labelled, image.meta.get("modality"))
+    label = preprocessing.resample(label, order=0)
     values = np.unique(label.array)
     if values[0] < 0:
         raise DataError("label: negative label values; labels must be >= 0")
@@ -235,10 +240,11 @@ def ingest_dataset(
     unknown: set[str] = set()  # cases whose every voxel is ignored: nothing to train on
     spatial_dims, channels = None, 1
     preprocessing = preprocessing_of(params)
+    fingerprint = FingerprintBuilder(seed)
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"
         try:
-            image, label, markers, ignore = _read_case(case, params, preprocessing)
+            image, label, markers, ignore = _read_case(case, params, preprocessing, fingerprint)
         except DataError as exc:
             raise DataError(
                 f"case {case_id}: {exc} (its source is in the workspace's private/ case map)",
@@ -267,6 +273,7 @@ def ingest_dataset(
             write_image(mask, folder / "ignore.nii.gz")
         if ignore.all():
             unknown.add(case_id)
+        fingerprint.add_labels(label.array[0], image.spacing, instances=params.labels == "instances")
         records.append(
             CaseRecord(
                 case_id=case_id,
@@ -309,4 +316,7 @@ def ingest_dataset(
         ),
     )
     write_index(out_dir, index)
+    write_fingerprint(
+        out_dir, fingerprint.build(spatial_dims=index.spatial_dims, trainable_cases=sum(trainable))
+    )
     return index, source_map

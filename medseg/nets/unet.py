@@ -35,8 +35,8 @@ class NetBuilder(Protocol):
 class NetEntry:
     """A registered network: its builder, its own params model (or None) and its size divisor.
 
-    ``size_divisor(params)``: spatial sizes fed to the net must be multiples of it (default:
-    the product of ``params.strides``).
+    ``size_divisor(params)``: spatial sizes fed to the net must be multiples of it on every
+    axis (default: the product of ``params.strides`` per axis, ``NetParams.size_divisors``).
     """
 
     build: NetBuilder
@@ -54,7 +54,8 @@ class NetParams(Params):
 
     ``architecture`` (medseg's own; plugins add more, their own params as further keys):
       - ``unet``: MONAI ``UNet`` — ``channels`` per level, ``strides`` between levels (one
-        fewer), ``num_res_units`` residual units per block (0 = plain convolutions).
+        fewer; a level's stride is an int for every axis or a tuple per axis, ``[2, 2, 1]``
+        for thick slices), ``num_res_units`` residual units per block (0 = plain convolutions).
       - ``ronneberger``: the original U-Net layout (Ronneberger et al. 2015) from MONAI
         blocks (``BasicUNet``): two 3×3 convolutions + ReLU per level, 2×2 max-pooling down,
         2×2 up-convolution, skip concatenation, five levels; ``channels`` defaults to the
@@ -66,7 +67,7 @@ class NetParams(Params):
 
     architecture: str = "unet"
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
+    strides: tuple[int | tuple[int, ...], ...] = (2, 2, 2)
     num_res_units: int = Field(2, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     norm: Literal["instance", "batch"] = "instance"
@@ -101,16 +102,21 @@ class NetParams(Params):
             raise ValueError(f"net '{self.architecture}' has no params of its own")
         return options
 
-    @property
-    def size_divisor(self) -> int:
-        """Spatial sizes fed to the net must be multiples of this."""
+    def size_divisors(self, spatial_dims: int) -> tuple[int, ...]:
+        """Per axis, the number that spatial sizes fed to the net must be multiples of."""
         custom = NETS.lookup(self.architecture).size_divisor
         if custom is not None:
-            return custom(self)
-        divisor = 1
-        for stride in self.strides:
-            divisor *= stride
-        return divisor
+            return (custom(self),) * spatial_dims
+        return axis_divisors(self.strides, spatial_dims)
+
+
+def axis_divisors(strides: tuple[int | tuple[int, ...], ...], spatial_dims: int) -> tuple[int, ...]:
+    """The total stride per axis of per-level ``strides`` (an int: every axis; a tuple: per axis)."""
+    divisors = [1] * spatial_dims
+    for level in strides:
+        for axis in range(spatial_dims):
+            divisors[axis] *= level if isinstance(level, int) else level[axis]
+    return tuple(divisors)
 
 
 def build_net(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,26 @@ class ResolvedWorkflow:
         if isinstance(document.get("tracking"), dict) and "uri" in document["tracking"]:
             document["tracking"]["uri"] = "<not logged>"
         return yaml.safe_dump(document, sort_keys=False)
+
+    def upstream_of(self, inputs: Sequence[str]) -> ResolvedWorkflow:
+        """The workflow cut to the stages that produce ``inputs`` (``"<stage>.<output>"``) and their inputs.
+
+        Raises:
+            ConfigError: a reference names no stage of the workflow.
+
+        """
+        by_name = {stage.name: stage for stage in self.stages}
+        needed: set[str] = set()
+        pending = [reference.split(".", 1)[0] for reference in inputs]
+        while pending:
+            name = pending.pop()
+            if name == "inputs" or name in needed:
+                continue
+            if name not in by_name:
+                raise ConfigError(f"workflow {self.name}: no stage '{name}'{_closest(name, list(by_name))}")
+            needed.add(name)
+            pending.extend(source.split(".", 1)[0] for source in by_name[name].inputs.values())
+        return replace(self, stages=tuple(s for s in self.stages if s.name in needed))
 
     def resolved_document(self) -> dict[str, Any]:
         """The resolved workflow as data: pipeline, seed and every stage's full params.

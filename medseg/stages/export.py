@@ -91,7 +91,7 @@ class Export(Stage[ExportParams]):
         image, _ = load_case(folder, record)
         settings = card.inference
         roi = settings.roi_size
-        divisor = card.net.size_divisor
+        divisors = card.net.size_divisors(card.spatial_dims)
         corner = tuple(
             slice(0, min(size, extent)) for size, extent in zip(roi, image.spatial_shape, strict=True)
         )
@@ -102,7 +102,8 @@ class Export(Stage[ExportParams]):
         shutil.copyfile(inputs["model"] / "weights.pt", target / "weights.pt")
         # Real windows of the test image: the export size, and a batch of two at another size.
         other = tuple(
-            slice(0, max(divisor, (extent // 2) // divisor * divisor)) for extent in image.spatial_shape
+            slice(0, max(divisor, (extent // 2) // divisor * divisor))
+            for extent, divisor in zip(image.spatial_shape, divisors, strict=True)
         )
         second = torch.as_tensor(image.array[(slice(None), *other)][None], dtype=torch.float32).repeat(
             2, 1, *[1] * len(other)

@@ -13,7 +13,7 @@ class Ingest(Stage[IngestParams]):
     """The ``ingest`` stage (see ``execute``)."""
 
     name = "ingest"
-    version = 7
+    version = 8
     params = IngestParams
     inputs = ports(source=Kind.SOURCE)
     outputs = ports(dataset=Kind.DATASET)
@@ -26,7 +26,7 @@ class Ingest(Stage[IngestParams]):
         inputs: Mapping[str, Path],
         outputs: Mapping[str, Path],
     ) -> dict[str, float]:
-        """Read, check, normalise and split the cases of the ``source`` input.
+        """Read, check, normalise and split the cases of the ``source`` input; write its fingerprint.
 
         The map from case ids to sources goes to ``<workspace>/private/<key>.json`` before any
         case is read, so an error naming ``case_0007`` can be traced there; it is never logged.

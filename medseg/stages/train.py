@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from medseg.training.targets import IGNORED
 
 if TYPE_CHECKING:
     from medseg.inference.card import ModelCard
+    from medseg.training.planning import Plan
+
+PLAN_FILE = "plan.json"
 
 
 def _training_case(folder: Path, record: CaseRecord, channels: int) -> Any:
@@ -70,8 +73,43 @@ def check_dataset(index: DatasetIndex, params: TrainParams) -> None:
         )
 
 
+def resolve_plan(context: StageContext, params: TrainParams, folder: Path, index: DatasetIndex) -> Plan:
+    """The plan of this training run: made once by rank 0 and kept in the scratch folder.
+
+    A resumed run reuses the kept plan (a minutes budget's schedule depends on a measured
+    speed, which must not change under a resumed run); every rank gets rank 0's plan.
+    """
+    from medseg.collective import broadcast_object, current
+    from medseg.io.fingerprint import read_fingerprint
+    from medseg.training.loop import resolve_device
+    from medseg.training.planning import Plan, plan_training
+
+    kept = context.scratch_dir / PLAN_FILE
+    collective = current()
+    document: dict[str, Any] | None = None
+    if collective.rank == 0:
+        if kept.is_file():
+            document = json.loads(kept.read_text())
+        else:
+            plan = plan_training(
+                read_fingerprint(folder),
+                params,
+                train_cases=len(index.split("train")),
+                device=resolve_device(params.device),
+            )
+            document = {**plan.as_document(), "params": plan.params.model_dump(mode="json")}
+            context.scratch_dir.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(document, indent=2))
+    return Plan.from_document(cast(dict[str, Any], broadcast_object(document, collective.world_size)))
+
+
 def model_card(
-    context: StageContext, params: TrainParams, index: DatasetIndex, result: Any, counts: dict[str, int]
+    context: StageContext,
+    params: TrainParams,
+    index: DatasetIndex,
+    result: Any,
+    counts: dict[str, int],
+    planned: tuple[str, ...] = (),
 ) -> ModelCard:
     """The card that travels with the weights: what the net predicts and how to use it."""
     from medseg.inference.card import ModelCard, TrainingRecord
@@ -109,6 +147,7 @@ def model_card(
             loss=params.loss.name,
             seed=context.seed,
             steps_per_s=round(result.steps_per_s, 3),
+            planned=planned,
         ),
     )
 
@@ -117,7 +156,7 @@ class Train(Stage[TrainParams]):
     """The ``train`` stage (see ``execute``)."""
 
     name = "train"
-    version = 5
+    version = 6
     params = TrainParams
     inputs = ports(dataset=Kind.DATASET)
     outputs = ports(model=Kind.MODEL)
@@ -131,10 +170,11 @@ class Train(Stage[TrainParams]):
         inputs: Mapping[str, Path],
         outputs: Mapping[str, Path],
     ) -> dict[str, float]:
-        """Train on the train split, select on the val split, write weights, card and history.
+        """Plan, train on the train split, select on the val split, write weights, card, plan and history.
 
-        Checkpoints go to the stage's scratch folder after every epoch; a rerun after a crash or
-        kill continues from the last one.
+        The values the workflow leaves unset are planned from the dataset's fingerprint
+        (``training.planning``) and logged as ``plan.*``. Checkpoints go to the stage's scratch
+        folder after every epoch; a rerun after a crash or kill continues from the last one.
         """
         from medseg.inference.model import save_model
         from medseg.training.checkpoint import CHECKPOINT_FILE
@@ -142,6 +182,9 @@ class Train(Stage[TrainParams]):
 
         folder = inputs["dataset"]
         index = read_index(folder)
+        plan = resolve_plan(context, params, folder, index)
+        params = plan.params
+        context.log_params({**plan.loggable(), "plan.planned": ",".join(plan.planned) or "none"})
         check_dataset(index, params)
         splits = {
             split: [_training_case(folder, record, index.channels) for record in index.split(split)]
@@ -159,8 +202,10 @@ class Train(Stage[TrainParams]):
             progress=context.progress,
             checkpoint=context.scratch_dir / CHECKPOINT_FILE,
         )
-        card = model_card(context, params, index, result, {k: len(v) for k, v in splits.items()})
+        counts = {k: len(v) for k, v in splits.items()}
+        card = model_card(context, params, index, result, counts, plan.planned)
         save_model(outputs["model"], result.state_dict, card)
+        (outputs["model"] / PLAN_FILE).write_text(json.dumps(plan.as_document(), indent=2))
         save_model(outputs["model"], result.last_state_dict, card, weights_file="last_weights.pt")
         (outputs["model"] / "history.json").write_text(json.dumps(result.history, indent=2))
         final = result.history[-1]

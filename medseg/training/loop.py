@@ -114,6 +114,11 @@ def check_cases(cases: Sequence[TrainingCase], params: TrainParams, split: str) 
         DataError: wrong dimensionality, or a patch larger than the image.
 
     """
+    if len(params.patch_size) != params.spatial_dims:
+        raise DataError(
+            f"train.patch_size {params.patch_size} has {len(params.patch_size)} entries for "
+            f"spatial_dims={params.spatial_dims}; give one size per axis or leave it to the plan"
+        )
     for case in cases:
         if len(case.shape) != params.spatial_dims:
             raise DataError(
@@ -124,7 +129,7 @@ def check_cases(cases: Sequence[TrainingCase], params: TrainParams, split: str) 
             raise DataError(
                 f"train case {case.case_id} has shape {case.shape}, smaller than train.patch_size "
                 f"{params.patch_size}; lower train.patch_size to at most the image size (multiples of "
-                f"{params.net.size_divisor})"
+                f"{params.net.size_divisors(params.spatial_dims)} per axis)"
             )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -54,6 +54,45 @@ class TrainBudget(Params):
         return self
 
 
+PLANNED = (
+    "spatial_dims",
+    "target",
+    "select_on",
+    "patch_size",
+    "net.channels",
+    "net.strides",
+    "batch_size",
+    "samples_per_image",
+    "border_width",
+    "budget",
+    "epochs",
+    "epoch_repeats",
+    "val_every",
+)
+"""The train params a plan decides when the workflow leaves them unset (dotted, as in workflows)."""
+
+
+class PlanningParams(Params):
+    """How ``train``'s planned values are derived (``train.planning``; see ``medseg.training.planning``).
+
+    ``memory_gib`` bounds the memory of one training step's activations, parameters, gradients
+    and optimiser state, measured by a trial step on the training device (CPU RAM or GPU
+    memory). ``base_channels`` defaults to 16 (2D) or 8 (3D); ``max_patch_voxels`` to 256²
+    (2D) or 64³ (3D) — sizes a 2-core CPU trains in minutes; raise both on a GPU.
+    """
+
+    memory_gib: float = Field(2.0, gt=0)
+    max_patch_voxels: int | None = Field(None, ge=64)
+    base_channels: int | None = Field(None, ge=1)
+    max_channels: int = Field(256, ge=1)
+    max_levels: int = Field(6, ge=2)
+    min_feature_size: int = Field(4, ge=1)
+    max_patches: int = Field(16, ge=2)
+    steps: int = Field(1500, ge=1)
+    steps_per_epoch: int = Field(25, ge=1)
+    validations: int = Field(10, ge=1)
+
+
 class TrainParams(Params):
     """Train a U-Net on the train split, validating on the val split.
 
@@ -73,6 +112,10 @@ class TrainParams(Params):
     in memory when they fit in ``cache_gib``, else read from disk for every patch. The
     resumable checkpoint is written every ``checkpoint_every`` epochs (and at the end).
     ``budget`` replaces ``epochs`` by a number of optimiser steps or minutes (``TrainBudget``).
+
+    The values named in ``PLANNED`` are planned from the dataset when the workflow (or its
+    pipeline) leaves them unset (``medseg.training.planning``, tuned by ``planning``); the
+    defaults below apply where a ``TrainParams`` is used without a plan.
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -100,6 +143,7 @@ class TrainParams(Params):
     cache_gib: float = Field(4.0, ge=0)
     num_workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=1)
+    planning: PlanningParams = Field(default_factory=PlanningParams)
 
     @property
     def inference(self) -> InferenceSettings:
@@ -112,13 +156,27 @@ class TrainParams(Params):
             target=self.target,
         )
 
+    def loggable(self) -> dict[str, Any]:
+        """The params for tracking, without planned values left unset (the plan logs those as ``plan.*``)."""
+        data = super().loggable()
+        for key in PLANNED:
+            section, _, name = key.partition(".")
+            if not name and section not in self.model_fields_set:
+                data.pop(section, None)
+            elif name and (section not in self.model_fields_set or name not in self.net.model_fields_set):
+                data[section].pop(name, None)
+        return data
+
     @model_validator(mode="after")
     def _patch(self) -> TrainParams:
-        if len(self.patch_size) != self.spatial_dims:
+        if "patch_size" not in self.model_fields_set:  # planned, or the default of a plan-less use
+            return self
+        if "spatial_dims" in self.model_fields_set and len(self.patch_size) != self.spatial_dims:
             raise ValueError(
                 f"patch_size has {len(self.patch_size)} entries for spatial_dims={self.spatial_dims}"
             )
-        divisor = self.net.size_divisor
-        if any(size % divisor for size in self.patch_size):
-            raise ValueError(f"patch_size {self.patch_size} must be multiples of {divisor} (net strides)")
+        divisors = self.net.size_divisors(len(self.patch_size))
+        if any(size % divisor for size, divisor in zip(self.patch_size, divisors, strict=True)):
+            shown = divisors[0] if len(set(divisors)) == 1 else f"{divisors} per axis"
+            raise ValueError(f"patch_size {self.patch_size} must be multiples of {shown} (net strides)")
         return self

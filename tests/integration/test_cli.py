@@ -58,3 +58,42 @@ def test_typo_fails_before_any_work(tmp_path):
     assert result.stderr.strip() == "error: w.yaml: unknown key 'params.train.optim.lrr'; did you mean 'lr'?"
     assert not (tmp_path / "ws").exists()
     assert medseg("validate", "w.yaml", cwd=tmp_path).returncode == 1
+
+
+def test_plan_shows_values_and_origins_that_training_then_uses(tmp_path, phantom_dir):
+    import json
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from tests.integration.helpers import FAST_TRAIN, write_workflow
+
+    workflow = write_workflow(
+        tmp_path, phantom_dir, name="planned", params={"train": FAST_TRAIN}, experiment="planned"
+    )
+    shown = medseg("plan", str(workflow), "--workspace", "ws", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "train.net.channels" in shown.stdout and "planned" in shown.stdout and "workflow" in shown.stdout
+    listed = medseg("plan", str(workflow), "--workspace", "ws", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    (plan,) = json.loads(listed.stdout)
+    values = plan["values"]
+    assert values["train.patch_size"] == {"value": [32, 32], "origin": "workflow"}
+    assert values["train.epochs"] == {"value": 2, "origin": "workflow"}
+    assert (
+        values["train.net.channels"]["origin"] == "planned" and values["train.target"]["origin"] == "planned"
+    )
+    assert values["train.budget"]["value"] is None  # epochs are set: no budget planned
+    assert plan["facts"]["trial_mib_per_patch"] > 0
+
+    ran = medseg("run", str(workflow), "--workspace", "ws", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    executed = ran.stderr.split("stages executed:")[1].split(";")[0]
+    assert "train" in executed and "ingest" not in executed  # `medseg plan` built the dataset
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    train = client.search_runs(
+        [client.get_experiment_by_name("planned").experiment_id], "tags.`medseg.stage` = 'train'"
+    )[0]
+    for key, entry in values.items():  # what training used is what `medseg plan` showed
+        logged = train.data.params[f"plan.{key.removeprefix('train.')}"]
+        assert yaml.safe_load(logged) == entry["value"], key

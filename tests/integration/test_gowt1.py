@@ -43,6 +43,20 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
         assert len(run.data.tags["medseg.cache_key"]) == 64
     assert [m.step for m in client.get_metric_history(children["train"].info.run_id, "val/dice")] == [1, 2]
     assert children["train"].data.params["optim.lr"] == "0.002"
+    # Planned from the fingerprint where the workflow is silent, logged as plan.*; the
+    # workflow's values are kept (and the unused defaults of planned values are not logged).
+    logged = children["train"].data.params
+    assert logged["plan.patch_size"] == "[128, 128]" and logged["patch_size"] == "[128, 128]"
+    assert logged["plan.target"] == "boundary" and logged["plan.select_on"] == "seg"
+    assert logged["plan.net.strides"] == "[2, 2, 2, 2, 2]"  # 128 → 4 voxels
+    assert logged["plan.net.channels"] == "[16, 32, 64, 128, 256, 256]" and "net.channels" not in logged
+    assert logged["plan.border_width"] == "2"  # median nucleus diameter 60 px
+    planned = set(logged["plan.planned"].split(","))
+    assert {"net.channels", "target", "border_width"} <= planned and "patch_size" not in planned
+    plan = json.loads((result.outputs["train"]["model"] / "plan.json").read_text())
+    assert plan["origins"]["epochs"] == "set" and plan["values"]["batch_size"] == 4
+    card = json.loads((result.outputs["export"]["export"] / "model_card.json").read_text())
+    assert set(card["training"]["planned"]) == planned
 
     # Predictions are written in the CTC RES layout; scoring them on their own agrees.
     predictions = result.outputs["evaluate"]["report"] / "predictions"

@@ -1,0 +1,111 @@
+"""Planning from the dataset fingerprint: known-answer strides, fingerprints, measured memory, origins."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.errors import ConfigError
+from medseg.io.fingerprint import Fingerprint, FingerprintBuilder
+from medseg.training.params import PlanningParams, TrainParams
+from medseg.training.planning import plan_strides, plan_training, trial_step
+
+CPU = torch.device("cpu")
+
+
+def _cells_fingerprint(**update: object) -> Fingerprint:
+    """A GOWT1-like fingerprint: 2D 1024² frames, nuclei of ~60 px diameter."""
+    builder = FingerprintBuilder(seed=0)
+    label = np.zeros((1024, 1024), np.int32)
+    yy, xx = np.mgrid[:1024, :1024]
+    for number, (y, x) in enumerate([(200, 200), (500, 600), (800, 300)], start=1):
+        label[(yy - y) ** 2 + (xx - x) ** 2 <= 30**2] = number
+    image = (label > 0).astype(np.float32)[None] * 100 + 10
+    for _ in range(20):
+        builder.add_intensities(image, label, None)
+        builder.add_labels(label, (1.0, 1.0), instances=True)
+    return builder.build(spatial_dims=2, trainable_cases=20).model_copy(update=update)
+
+
+def test_fingerprint_known_answers():
+    builder = FingerprintBuilder(seed=0)
+    label = np.zeros((20, 30), np.int32)
+    label[:10, :10] = 1  # 100 voxels
+    label[10:20, :30] = 2  # 300 voxels
+    image = np.where(label > 0, 50.0, 5.0)[None]
+    builder.add_intensities(image, label, "MR")
+    builder.add_labels(label, (0.5, 2.0), instances=True)
+    fingerprint = builder.build(spatial_dims=2, trainable_cases=1)
+    assert fingerprint.shape_median == (20, 30) and fingerprint.anisotropy == 4.0
+    assert fingerprint.modality == "MR" and fingerprint.instance_labels
+    assert fingerprint.class_fraction == {"0": pytest.approx(200 / 600), "1": pytest.approx(400 / 600)}
+    objects = fingerprint.objects
+    assert objects is not None and objects.count == 2 and objects.size_median == 200.0
+    assert objects.diameter_median == pytest.approx(2 * math.sqrt(200 / math.pi), abs=0.01)
+    assert fingerprint.intensity_foreground[0].mean == 50.0 and fingerprint.intensity_background[0].p50 == 5.0
+
+
+def test_binary_labels_count_connected_components():
+    builder = FingerprintBuilder(seed=0)
+    label = np.zeros((8, 8, 8), np.int32)
+    label[:2, :2, :2] = 1
+    label[5:, 5:, 5:] = 1
+    builder.add_labels(label, (1.0, 1.0, 1.0), instances=False)
+    objects = builder.build(spatial_dims=3, trainable_cases=1).objects
+    assert objects is not None and objects.count == 2 and objects.size_p95 > objects.size_p05
+
+
+def test_strides_known_answers_isotropic_and_thick_slices():
+    planning = PlanningParams()
+    assert plan_strides((256, 256), (1.0, 1.0), planning) == (2, 2, 2, 2, 2)
+    assert plan_strides((32, 32), (1.0, 1.0), planning) == (2, 2, 2)  # 32 → 4: three halvings
+    # 0.7 × 0.7 × 5 mm: slices are not pooled until the in-plane spacing reaches half of 5 mm.
+    assert plan_strides((128, 128, 32), (0.7, 0.7, 5.0), planning) == ((2, 2, 1), (2, 2, 1), 2, 2, 2)
+
+
+def test_trial_step_memory_grows_with_the_patch():
+    params = TrainParams(spatial_dims=2, patch_size=(64, 64), target="boundary")
+    small = trial_step(params, 1, device=CPU)
+    large = trial_step(params.model_copy(update={"patch_size": (128, 128)}), 1, device=CPU)
+    assert large.fixed_bytes == small.fixed_bytes > 0
+    assert large.bytes_per_patch / small.bytes_per_patch == pytest.approx(4.0, rel=0.05)
+    assert small.patches_within(small.fixed_bytes + 3.5 * small.bytes_per_patch) == 3
+
+
+def test_plan_fills_unset_values_and_keeps_set_ones():
+    fingerprint = _cells_fingerprint()
+    planned = plan_training(fingerprint, TrainParams(), train_cases=14, device=CPU)
+    params = planned.params
+    assert params.spatial_dims == 2 and params.target == "boundary" and params.select_on == "seg"
+    assert params.patch_size == (256, 256) and params.net.strides == (2, 2, 2, 2, 2)
+    assert params.net.channels == (16, 32, 64, 128, 256, 256)
+    assert params.border_width == 2  # 60 px nuclei
+    assert params.budget is not None and params.budget.steps == PlanningParams().steps
+    patches = params.batch_size * params.samples_per_image
+    assert 2 <= patches <= PlanningParams().max_patches
+    assert set(planned.planned) == set(planned.values)  # nothing was set
+
+    chosen = TrainParams.model_validate({"patch_size": [128, 128], "epochs": 3, "batch_size": 2})
+    kept = plan_training(fingerprint, chosen, train_cases=14, device=CPU)
+    assert kept.params.patch_size == (128, 128) and kept.params.epochs == 3 and kept.params.batch_size == 2
+    assert kept.params.budget is None  # epochs set: no budget planned
+    assert kept.params.net.strides == (2, 2, 2, 2, 2)  # planned for the workflow's patch: 128 → 4
+    assert kept.origins["patch_size"] == "set" and kept.origins["net.channels"] == "planned"
+    assert kept.params.val_every == 1
+
+
+def test_loggable_leaves_out_what_the_plan_decides():
+    params = TrainParams.model_validate({"patch_size": [64, 64], "optim": {"lr": 0.01}})
+    logged = params.loggable()
+    assert logged["patch_size"] == [64, 64] and "batch_size" not in logged and "target" not in logged
+    assert "channels" not in logged["net"] and logged["optim"]["lr"] == 0.01
+
+
+def test_memory_budget_too_small_even_for_the_smallest_patch_is_a_clear_error():
+    params = TrainParams.model_validate({"planning": {"memory_gib": 0.0001}})
+    with pytest.raises(ConfigError, match=r"train\.planning\.memory_gib=0\.0001 cannot hold") as error:
+        plan_training(_cells_fingerprint(), params, train_cases=14, device=CPU)
+    assert "GiB" in str(error.value) and "smaller train.patch_size" in str(error.value)
