@@ -103,7 +103,7 @@ def nnunet(python: str, dataset: Path, index: Any, budget: float, work: Path) ->
     from PIL import Image
     from scipy import ndimage
 
-    from medseg.io.dataset import load_case
+    from medseg.io.dataset import load_case, load_markers
     from medseg.metrics.evaluate import evaluate_case, summarize
 
     script = Path(__file__).with_name("nnunet_baseline.py")
@@ -115,11 +115,13 @@ def nnunet(python: str, dataset: Path, index: Any, budget: float, work: Path) ->
     for record in index.split("test"):
         _, label = load_case(dataset, record)
         foreground = np.asarray(Image.open(work / "pred" / f"{record.case_id}.png")) > 0
+        markers = load_markers(dataset, record)
         cases.append(
             evaluate_case(
                 record.case_id,
                 label.array[0],
                 ndimage.label(foreground)[0],
+                markers=None if markers is None else markers.array[0],
                 surface=False,
                 fully_annotated=record.fully_annotated,
             )
@@ -133,7 +135,7 @@ def nnunet(python: str, dataset: Path, index: Any, budget: float, work: Path) ->
 
 def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[dict[str, object]]:
     """Two rows, medseg and the plain script; ``data``/``train`` shrink the run for the smoke test."""
-    from medseg.io.dataset import load_case, read_index
+    from medseg.io.dataset import load_case, load_markers, read_index
     from medseg.metrics.evaluate import evaluate_case, summarize
 
     example = yaml.safe_load((shipped_dir("workflows") / "gowt1_unet2d.yaml").read_text())
@@ -146,7 +148,8 @@ def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[di
         budget = result.seconds["train"]
         dataset = result.outputs["ingest"]["dataset"]
         index = read_index(dataset)
-        patch = int(document["params"]["train"].get("patch_size", [256, 256])[0])
+        plan = json.loads((result.outputs["train"]["model"] / "plan.json").read_text())
+        patch = int(plan["values"]["patch_size"][0])  # the plan's patch, for the same window
         training = [load_case(dataset, record) for record in index.split("train")]
         net = plain_monai(
             [image.array[0] for image, _ in training],
@@ -158,11 +161,13 @@ def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[di
         for record in index.split("test"):
             image, label = load_case(dataset, record)
             predicted = plain_predict(net, image.array[0], patch)
+            markers = load_markers(dataset, record)
             cases.append(
                 evaluate_case(
                     record.case_id,
                     label.array[0],
                     predicted,
+                    markers=None if markers is None else markers.array[0],
                     surface=False,
                     fully_annotated=record.fully_annotated,
                 )
@@ -180,6 +185,9 @@ def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[di
                 "method": name,
                 "train_s": round(budget, 1),
                 "seg": round(metrics["eval/seg"], 4),
+                "det": round(metrics.get("eval/det", float("nan")), 4),
+                "op_csb": round(metrics.get("eval/op_csb", float("nan")), 4),
+                "objects/frame": round(metrics["eval/objects_per_case"], 1),
                 "iou": round(metrics["eval/iou"], 4),
                 "dice": round(metrics["eval/dice"], 4),
                 "matched": int(metrics["eval/matched"]),

@@ -16,6 +16,7 @@ from bench import (
     bench_dicom,
     bench_inference,
     bench_pipeline,
+    bench_planning,
     bench_seg,
     bench_sparse,
     bench_targets,
@@ -31,6 +32,10 @@ BENCHMARKS = {
     "inference": bench_inference.run,
     "accuracy": bench_accuracy.run,
     "sparse": bench_sparse.run,
+    "planning_3d": bench_planning.planning_3d,
+    "msc": bench_planning.msc,
+    "seeds": bench_planning.seeds,
+    "folds": bench_planning.folds,
 }
 
 

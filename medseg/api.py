@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -20,7 +21,7 @@ from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_cas
 from medseg.registry import Broken, Origin, registries
 from medseg.runner.contract import ProgressCallback
 from medseg.runner.engine import Runner
-from medseg.runner.outcome import PlannedStage, StageEvent
+from medseg.runner.outcome import PlannedStage, RunOutcome, StageEvent
 from medseg.runner.spec import ResolvedWorkflow, load_workflow
 from medseg.runner.workspace import Workspace
 from medseg.stages import REGISTRY
@@ -51,6 +52,9 @@ class WorkflowResult:
         cached: stages reused from the cache.
         outputs: each stage's output directories in the workspace cache.
         seconds: wall time of each stage in this run (0 for cache hits).
+        repeats: for a workflow with ``seeds``, each seed's own result (its outputs, metrics
+            and nested run); ``metrics`` then holds the spread (``seed_spread``), ``executed``
+            the stages that ran for any seed.
 
     """
 
@@ -62,6 +66,7 @@ class WorkflowResult:
     cached: list[str]
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    repeats: dict[int, WorkflowResult] = field(default_factory=dict)
 
 
 def model_registry(tracking_uri: str) -> ModelResolver:
@@ -119,8 +124,21 @@ def validate_workflow(path: str | Path) -> ResolvedWorkflow:
 
 
 def workflow_status(path: str | Path, *, workspace: str | Path = DEFAULT_WORKSPACE) -> list[PlannedStage]:
-    """For each stage of a workflow: ``cached`` or ``will run`` in ``workspace``."""
-    return Runner(Workspace(Path(workspace))).plan(validate_workflow(path))
+    """For each stage of a workflow: ``cached`` or ``will run`` in ``workspace``.
+
+    A workflow with ``seeds`` lists each seed's stages as ``<stage> (seed <n>)``; stages the
+    seeds share (ingest) once.
+    """
+    resolved = validate_workflow(path)
+    runner = Runner(Workspace(Path(workspace)))
+    if not resolved.seeds:
+        return runner.plan(resolved)
+    listed: dict[str, PlannedStage] = {}
+    for repeat in resolved.repeats():
+        for stage, planned in zip(repeat.stages, runner.plan(repeat), strict=True):
+            name = planned.name if stage.spec.data_seeded else f"{planned.name} (seed {repeat.run_seed})"
+            listed.setdefault(name, replace(planned, name=name))
+    return list(listed.values())
 
 
 def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[ResilientTracker, str]:
@@ -205,10 +223,13 @@ def run_workflow(
         tracker, uri = make_tracker(uri, space)
     from medseg.tracking.mlflow import redact_uri
 
+    runner, store = Runner(space, collective), redact_uri(uri or "")
     try:
-        outcome = Runner(space, collective).run(
-            resolved, tracker, on_event=on_event, progress=progress, store=redact_uri(uri or "")
-        )
+        if resolved.seeds:
+            result = _run_seeds(runner, resolved, tracker, uri or "", on_event, progress, store)
+        else:
+            outcome = runner.run(resolved, tracker, on_event=on_event, progress=progress, store=store)
+            result = _result(outcome, uri or "")
     except BaseException:
         if isinstance(tracker, ResilientTracker):
             with contextlib.suppress(TrackingError):  # best effort; the original error matters
@@ -216,16 +237,98 @@ def run_workflow(
         raise
     if isinstance(tracker, ResilientTracker):
         tracker.flush()
+    return result
+
+
+def _result(outcome: RunOutcome, tracking_uri: str) -> WorkflowResult:
     return WorkflowResult(
         workflow=outcome.workflow,
         parent_run_id=outcome.parent_run_id,
-        tracking_uri=uri or "",
+        tracking_uri=tracking_uri,
         metrics=outcome.metrics,
         executed=outcome.executed,
         cached=[stage.name for stage in outcome.stages if stage.cache_hit],
         outputs={stage.name: stage.outputs for stage in outcome.stages},
         seconds={stage.name: stage.seconds for stage in outcome.stages},
     )
+
+
+def seed_spread(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Mean and sample standard deviation over seeds of every ``eval/*`` metric all seeds report.
+
+    Returns ``<metric>_mean``, ``<metric>_sd`` (0 for one seed) and each seed's value as
+    ``seed_<n>/<metric>``; NaN values are left out of mean and sd.
+    """
+    shared = set.intersection(*(set(metrics) for metrics in per_seed.values())) if per_seed else set()
+    spread: dict[str, float] = {}
+    for key in sorted(name for name in shared if name.startswith("eval/")):
+        values = np.array([per_seed[seed][key] for seed in per_seed], dtype=float)
+        finite = values[np.isfinite(values)]
+        spread[f"{key}_mean"] = float(finite.mean()) if finite.size else math.nan
+        spread[f"{key}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+        for seed in per_seed:
+            spread[f"seed_{seed}/{key}"] = per_seed[seed][key]
+    return spread
+
+
+def _run_seeds(
+    runner: Runner,
+    resolved: ResolvedWorkflow,
+    tracker: Tracker,
+    tracking_uri: str,
+    on_event: StageEvent | None,
+    progress: ProgressCallback | None,
+    store: str,
+) -> WorkflowResult:
+    """Run each seed's repeat nested under one parent run that reports the spread over seeds."""
+    parent = tracker.start_run(
+        experiment=resolved.experiment,
+        name=f"{resolved.name} ({len(resolved.seeds)} seeds)",
+        tags={
+            "medseg.workflow": resolved.name,
+            "medseg.pipeline": resolved.pipeline.name,
+            "medseg.seeds": ",".join(map(str, resolved.seeds)),
+            "medseg.workflow_digest": resolved.digest,
+        },
+    )
+    repeats: dict[int, WorkflowResult] = {}
+    seed = resolved.seed
+    try:
+        for repeat in resolved.repeats():
+            seed = int(repeat.run_seed or 0)
+            notify = None if on_event is None else _tagged(on_event, seed)
+            outcome = runner.run(
+                repeat, tracker, on_event=notify, progress=progress, store=store, parent_run_id=parent
+            )
+            repeats[seed] = _result(outcome, tracking_uri)
+    except BaseException as exc:  # the cause is on the seed's own run, behind the redactor
+        tracker.set_tags(parent, {"medseg.error": f"seed {seed} failed; see its run"})
+        tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    spread = seed_spread({seed: result.metrics for seed, result in repeats.items()})
+    tracker.log_params(parent, {"seeds": list(resolved.seeds), "seed": resolved.seed})
+    tracker.log_metrics(parent, spread)
+    tracker.end_run(parent, "FINISHED")
+    names = [stage.name for stage in resolved.stages]
+    executed = {name for result in repeats.values() for name in result.executed}
+    return WorkflowResult(
+        workflow=resolved.name,
+        parent_run_id=parent,
+        tracking_uri=tracking_uri,
+        metrics=spread,
+        executed=[name for name in names if name in executed],
+        cached=[name for name in names if name not in executed],
+        repeats=repeats,
+    )
+
+
+def _tagged(on_event: StageEvent, seed: int) -> StageEvent:
+    """``on_event`` with the seed in front of each message."""
+
+    def tagged(stage: str, message: str) -> None:
+        on_event(stage, f"seed {seed}: {message}")
+
+    return tagged
 
 
 @dataclass(frozen=True)

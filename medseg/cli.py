@@ -165,6 +165,15 @@ def _print_result(result: Any) -> None:
         "eval/n_cases",
         "eval/n_reference",
     )
+    if result.repeats:  # several seeds: mean ± sd, then each seed's value
+        seeds = sorted(result.repeats)
+        table.add_column("mean ± sd", justify="right")
+        for seed in seeds:
+            table.add_column(f"seed {seed}", justify="right")
+        for key in shown:
+            if f"{key}_mean" in result.metrics:
+                spread = f"{result.metrics[f'{key}_mean']:.4f} ± {result.metrics[f'{key}_sd']:.4f}"
+                table.add_row(key, spread, *(f"{result.metrics[f'seed_{s}/{key}']:.4f}" for s in seeds))
     for key in (*shown, *sorted(key for key in result.metrics if key.startswith("predict/"))):
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")

@@ -8,6 +8,7 @@ from bench import (
     bench_dicom,
     bench_inference,
     bench_pipeline,
+    bench_planning,
     bench_seg,
     bench_sparse,
     bench_targets,
@@ -83,3 +84,15 @@ def test_sparse_benchmark_smoke(tmp_path):
     rows = bench_sparse.run(minutes=5.0, data=data, train=tiny)
     assert [row["training frames (train+val)"] for row in rows] == ["fully_annotated: 3", "annotated: 7"]
     assert all(0 <= row["SEG"] <= 1 and 0 <= row["DET"] <= 1 and row["held-out frames"] >= 1 for row in rows)
+
+
+def test_planning_benchmarks_smoke(tmp_path):
+    from medseg.demo import write_phantom_ctc
+
+    data = write_phantom_ctc(tmp_path / "phantom", frames=10, size=64)
+    spread = bench_planning.seeds(data=data, steps=12)
+    assert [row["run"] for row in spread][-1] == "mean ± sd over 3 seeds" and len(spread) == 4
+    assert all(0 <= row["SEG"] <= 1 for row in spread[:3])
+    single, ensemble = bench_planning.folds(data=data, steps=12, k=2)
+    assert single["run"] == "single model (12 steps)"
+    assert ensemble["run"] == "2-fold ensemble (12 steps per fold)" and 0 <= ensemble["DET"] <= 1

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medseg.errors import DataError
 from medseg.inference.settings import InferenceSettings
@@ -89,6 +89,8 @@ class ModelCard(_Section):
         preprocessing: what turns a source image into the net's input (``Preprocessing``).
         spacing: voxel spacing (mm) of the first training case, for the record.
         training: how the weights were trained.
+        folds: how many cross-validation fold models the weights hold (1: a single model);
+            more than 1: a ``FoldEnsemble`` averaging their probabilities.
         postprocessing: how the post-processing values were chosen (postprocess stage).
         name, intended_use, segments, input, output, evaluation, versions, medseg_version:
             written by the export stage.
@@ -106,6 +108,7 @@ class ModelCard(_Section):
     preprocessing: Preprocessing
     spacing: tuple[float, ...] = ()
     training: TrainingRecord = TrainingRecord()
+    folds: int = Field(1, ge=1)
     postprocessing: PostprocessingRecord | None = None
     name: str | None = None
     intended_use: str | None = None

@@ -9,10 +9,13 @@ import torch
 
 from medseg.errors import DataError
 from medseg.inference.card import ModelCard
+from medseg.nets.ensemble import FoldEnsemble
 from medseg.nets.unet import build_net
 
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "model.json"
+FOLDS_FILE = "folds.json"
+"""In a fold ensemble's model folder: ``{"folds": k, "cases": {case id: fold}}`` (out-of-fold use)."""
 
 
 def save_model(
@@ -47,6 +50,8 @@ def load_model(folder: Path, device: torch.device) -> tuple[torch.nn.Module, Mod
 def network_from_card(card: ModelCard, weights_path: Path, *, fix: str) -> torch.nn.Module:
     """The network a card describes, with weights from ``weights_path`` (weights-only load).
 
+    A card with ``folds`` > 1 describes a ``FoldEnsemble`` of that many nets.
+
     Args:
         card: the model card (its ``net``, ``spatial_dims``, ``in_channels``, ``out_channels``).
         weights_path: a ``state_dict`` saved by ``torch.save`` (tensors only).
@@ -60,12 +65,16 @@ def network_from_card(card: ModelCard, weights_path: Path, *, fix: str) -> torch
 
     """
     try:
-        net = build_net(
-            card.net,
-            spatial_dims=card.spatial_dims,
-            in_channels=card.in_channels,
-            out_channels=card.out_channels,
-        )
+        nets = [
+            build_net(
+                card.net,
+                spatial_dims=card.spatial_dims,
+                in_channels=card.in_channels,
+                out_channels=card.out_channels,
+            )
+            for _ in range(card.folds)
+        ]
+        net = nets[0] if card.folds == 1 else FoldEnsemble(nets)
         net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     except (ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -149,6 +149,10 @@ class FingerprintBuilder:
         self.object_sizes.append(sizes)
         self.objects_per_case.append(int(sizes.size))
 
+    def foreground_stats(self) -> IntensityStats | None:
+        """Statistics of the first channel's labelled voxels over every case so far (None: none)."""
+        return _stats(self.foreground[0]) if self.foreground else None
+
     def build(self, *, spatial_dims: int, trainable_cases: int) -> Fingerprint:
         """The fingerprint of every case added so far.
 

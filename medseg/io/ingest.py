@@ -211,6 +211,41 @@ def _ignored(label: Volume, ignore_label: int | None) -> tuple[Volume, np.ndarra
     return Volume(np.where(ignore, 0, label.array), label.affine, kind="label", meta=label.meta), ignore
 
 
+def decide_normalization(
+    sources: list[SourceCase], params: IngestParams, preprocessing: Preprocessing, seed: int
+) -> NormalizeParams:
+    """The normalisation ``normalize: {method: auto}`` stands for, decided from the data.
+
+    CT (the first image's DICOM modality) gets ``ct_zscore`` with the 0.5 / 99.5 percentiles,
+    mean and standard deviation of the labelled voxels of every case (a first pass over the
+    cases); MR and other 3D volumes ``zscore``; 2D images (microscopy) ``percentile``.
+
+    Raises:
+        DataError: a case cannot be read (naming it), or no case has labelled voxels (CT).
+
+    """
+    first = preprocessing.read(sources[0].image)
+    if first.meta.get("modality") != "CT":
+        method = "zscore" if first.meta.get("modality") == "MR" or first.spatial_dims == 3 else "percentile"
+        return params.normalize.model_copy(update={"method": method})
+    raw = preprocessing.model_copy(update={"normalize": NormalizeParams(method="none")})
+    statistics = FingerprintBuilder(seed)
+    for number, case in enumerate(sources, start=1):
+        try:
+            _read_case(case, params, raw, statistics)
+        except DataError as exc:
+            raise DataError(f"case case_{number:04d}: {exc}") from exc
+    foreground = statistics.foreground_stats()
+    if foreground is None:
+        raise DataError("no case has labelled voxels to take CT intensity statistics from; check the labels")
+    return NormalizeParams(
+        method="ct_zscore",
+        window=(foreground.p00_5, foreground.p99_5),
+        mean=foreground.mean,
+        std=max(foreground.std, 1e-6),
+    )
+
+
 def ingest_dataset(
     source: Path,
     params: IngestParams,
@@ -240,6 +275,10 @@ def ingest_dataset(
     unknown: set[str] = set()  # cases whose every voxel is ignored: nothing to train on
     spatial_dims, channels = None, 1
     preprocessing = preprocessing_of(params)
+    if params.normalize.method == "auto":
+        normalize = decide_normalization(sources, params, preprocessing, seed)
+        params = params.model_copy(update={"normalize": normalize})
+        preprocessing = preprocessing.model_copy(update={"normalize": normalize})
     fingerprint = FingerprintBuilder(seed)
     for number, case in enumerate(sources, start=1):
         case_id = f"case_{number:04d}"

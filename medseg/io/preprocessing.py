@@ -26,14 +26,23 @@ class NormalizeParams(Params):
 
     - ``percentile`` maps the ``lower``/``upper`` percentiles of each image to 0/1 (microscopy);
     - ``ct`` clips to the ``window`` in Hounsfield units and maps it to 0/1;
-    - ``zscore`` subtracts the mean and divides by the standard deviation (MR);
-    - ``none`` keeps the values.
+    - ``ct_zscore`` clips to the ``window`` and subtracts ``mean``, divides by ``std`` — dataset
+      constants (nnU-Net's CT scheme: the 0.5 / 99.5 percentiles, mean and standard deviation of
+      the labelled voxels of all training images);
+    - ``zscore`` subtracts the mean and divides by the standard deviation of each image (MR);
+    - ``none`` keeps the values;
+    - ``auto`` is decided by ingest from the data: CT (DICOM modality) → ``ct_zscore`` with
+      the dataset's foreground statistics, MR or other 3D volumes → ``zscore``, 2D images
+      (microscopy) → ``percentile``. The decided scheme is what ``dataset.json`` and the model
+      card hold.
     """
 
-    method: Literal["percentile", "ct", "zscore", "none"] = "percentile"
+    method: Literal["auto", "percentile", "ct", "ct_zscore", "zscore", "none"] = "percentile"
     lower: float = Field(1.0, ge=0, lt=100)
     upper: float = Field(99.8, gt=0, le=100)
     window: tuple[float, float] = (-1000.0, 1000.0)
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
 
 
 def normalize_intensity(image: np.ndarray, params: NormalizeParams) -> np.ndarray:
@@ -46,7 +55,14 @@ def normalize_intensity(image: np.ndarray, params: NormalizeParams) -> np.ndarra
     data = image.astype(np.float32)  # the only copy: the steps below work in place
     if not np.isfinite(data).all():
         raise ValueError("image has NaN or infinite values")
+    if params.method == "auto":
+        raise ValueError("normalisation 'auto' must be decided by ingest before it is applied")
     if params.method == "none":
+        return data
+    if params.method == "ct_zscore":
+        np.clip(data, *params.window, out=data)
+        data -= np.float32(params.mean)
+        data /= np.float32(params.std)
         return data
     if params.method == "zscore":
         scale = max(float(data.std()), 1e-6)

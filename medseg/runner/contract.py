@@ -128,7 +128,8 @@ class Stage(ABC, Generic[P]):
     cache key. ``pure`` is False for stages whose result depends on more than their inputs (a
     live PACS query); their outputs are still digested so that downstream caching holds.
     ``distributed`` stages run on every rank of a ``torchrun`` launch (see
-    ``runner.distributed``); the others run on rank 0 only.
+    ``runner.distributed``); the others run on rank 0 only. ``data_seeded`` stages (ingest:
+    the split) keep the workflow's ``seed`` when a workflow repeats its run over ``seeds``.
     """
 
     name: ClassVar[str]
@@ -138,6 +139,7 @@ class Stage(ABC, Generic[P]):
     outputs: ClassVar[Mapping[str, Kind]]
     pure: ClassVar[bool] = True
     distributed: ClassVar[bool] = False
+    data_seeded: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

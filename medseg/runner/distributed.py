@@ -40,7 +40,7 @@ def follow(runner: Runner, workflow: ResolvedWorkflow, progress: ProgressCallbac
             if not runner.collective.agree(True):
                 raise StageError(f"stage {stage.name} failed on rank 0; its output says why")
             resolved = runner.resolve_inputs(stage, workflow, memo, produced)
-            key = runner.key(stage, workflow.seed, resolved[0]) if resolved else None
+            key = runner.key(stage, workflow.seed_of(stage), resolved[0]) if resolved else None
             manifest = runner.cache.manifest(key) if key else None
             if manifest is None:
                 raise StageError(f"stage {stage.name}: rank 0 committed no output")
@@ -68,7 +68,7 @@ def _run_discarded(
     if resolved is None:
         raise StageError(f"stage {stage.name}: an upstream stage left no committed output")
     digests, inputs = resolved
-    key = runner.key(stage, workflow.seed, digests)
+    key = runner.key(stage, workflow.seed_of(stage), digests)
     if stage.spec.pure and runner.cache.manifest(key) is not None:
         return
     with tempfile.TemporaryDirectory(prefix=f"rank{runner.collective.rank}-") as folder:

@@ -117,7 +117,7 @@ class Runner:
             stage=stage.name,
             key=key,
             input_digests=digests,
-            seed=workflow.seed,
+            seed=workflow.seed_of(stage),
             tracker=tracker,
             run_id=run_id,
             private_dir=self.workspace.private_dir,
@@ -136,7 +136,7 @@ class Runner:
                 if resolved is None:
                     produced[stage.name] = PlannedStage(stage.name, None, "will run")
                     continue
-                key = self.key(stage, workflow.seed, resolved[0])
+                key = self.key(stage, workflow.seed_of(stage), resolved[0])
                 cached = stage.spec.pure and self.cache.manifest(key) is not None
                 produced[stage.name] = PlannedStage(stage.name, key, "cached" if cached else "will run")
         finally:
@@ -151,8 +151,12 @@ class Runner:
         on_event: StageEvent | None = None,
         progress: ProgressCallback | None = None,
         store: str = "",
+        parent_run_id: str | None = None,
     ) -> RunOutcome:
         """Run every stage in order, reusing committed cache entries.
+
+        The workflow's run is nested under ``parent_run_id`` when given (one repeat of a
+        multi-seed workflow, named ``seed <n>``).
 
         A failing stage removes its partial outputs, marks its run and the parent run
         FAILED and raises; stages committed before it stay cached, so a rerun resumes there.
@@ -161,7 +165,9 @@ class Runner:
         """
         if self.collective.rank > 0:
             return follow(self, workflow, progress)
-        job = self._open(workflow, tracker, on_event or (lambda stage, message: None), progress, store)
+        job = self._open(
+            workflow, tracker, on_event or (lambda stage, message: None), progress, store, parent_run_id
+        )
         try:
             outcome = self._run_stages(job)
         except BaseException as exc:
@@ -182,20 +188,24 @@ class Runner:
         notify: StageEvent,
         progress: ProgressCallback | None,
         store: str,
+        parent_run_id: str | None,
     ) -> _Job:
         """Start the parent run (behind the redaction boundary), reclaim killed runs, take a lease."""
         redactor = Redactor()
         for name, path in workflow.input_paths.items():
             redactor.add_input(name, path)
         redacting = RedactingTracker(tracker, redactor)
+        repeat = {} if workflow.run_seed is None else {"medseg.seed": str(workflow.run_seed)}
         parent = redacting.start_run(
             experiment=workflow.experiment,
-            name=workflow.name,
+            name=workflow.name if workflow.run_seed is None else f"seed {workflow.run_seed}",
+            parent_run_id=parent_run_id,
             tags={
                 "medseg.workflow": workflow.name,
                 "medseg.pipeline": workflow.pipeline.name,
                 "medseg.workflow_digest": workflow.digest,
                 "medseg.version": __version__,
+                **repeat,
             },
         )
         leases = self.workspace.leases_dir
@@ -236,6 +246,8 @@ class Runner:
     def _log_parent(self, job: _Job) -> None:
         workflow, tracker = job.workflow, job.tracker
         params: dict[str, object] = {"seed": workflow.seed, "pipeline": workflow.pipeline.name}
+        if workflow.run_seed is not None:
+            params["run_seed"] = workflow.run_seed
         for stage in workflow.stages:
             params.update(flatten_params(stage.params.loggable(), stage.name))
         tracker.log_params(job.parent, params)
@@ -247,7 +259,7 @@ class Runner:
 
     def _run_stage(self, job: _Job, stage: ResolvedStage, resolved: Resolved) -> StageOutcome:
         """Reuse the committed outputs of this stage's key, or execute it."""
-        key = self.key(stage, job.workflow.seed, resolved[0])
+        key = self.key(stage, job.workflow.seed_of(stage), resolved[0])
         private_map = self.workspace.private_map(key)
         if private_map.is_file():  # names this execution kept private: redact them in its run too
             job.tracker.redactor.add_sources(json.loads(private_map.read_text()))

@@ -69,12 +69,18 @@ class TrackingSettings(_Strict):
 
 
 class Workflow(_Strict):
-    """A study configuration binding a pipeline to data and params."""
+    """A study configuration binding a pipeline to data and params.
+
+    ``seed`` drives everything random; ``seeds`` repeats the run once per listed seed for the
+    stages that train and judge (the data split keeps ``seed``), so that the spread of every
+    metric over seeds is measured.
+    """
 
     pipeline: str
     name: str | None = None
     description: str = ""
     seed: int = 0
+    seeds: list[int] = Field(default_factory=list)
     inputs: dict[str, str] = Field(default_factory=dict)
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
@@ -95,6 +101,8 @@ class ResolvedWorkflow:
     """A validated workflow with its pipeline: everything a run needs.
 
     ``input_paths`` are absolute; they stay in the workspace and are never logged.
+    ``seeds`` lists the repeats of a multi-seed workflow (empty: one run); ``run_seed`` is
+    the seed of this repeat, used by every stage that does not draw the data split.
     """
 
     name: str
@@ -106,6 +114,16 @@ class ResolvedWorkflow:
     input_paths: dict[str, Path]
     stages: tuple[ResolvedStage, ...]
     text: str
+    seeds: tuple[int, ...] = ()
+    run_seed: int | None = None
+
+    def seed_of(self, stage: ResolvedStage) -> int:
+        """The seed ``stage`` runs with: ``seed`` for data-split stages, else this repeat's seed."""
+        return self.seed if stage.spec.data_seeded or self.run_seed is None else self.run_seed
+
+    def repeats(self) -> list[ResolvedWorkflow]:
+        """One workflow per seed of ``seeds`` (the workflow itself when it has none)."""
+        return [replace(self, run_seed=seed) for seed in self.seeds] or [self]
 
     @property
     def digest(self) -> str:
@@ -159,6 +177,7 @@ class ResolvedWorkflow:
             "workflow": self.name,
             "pipeline": self.pipeline.name,
             "seed": self.seed,
+            **({"seeds": list(self.seeds), "run_seed": self.run_seed} if self.seeds else {}),
             "experiment": self.experiment,
             "inputs": sorted(self.input_paths),
             "stages": {
@@ -318,6 +337,14 @@ def load_pipeline(path: Path, registry: Mapping[str, Stage[Any]]) -> Pipeline:
     return pipeline
 
 
+def _unique_seeds(seeds: Sequence[int], source: str) -> tuple[int, ...]:
+    """``seeds`` as given, refusing repeats (a repeated seed would only repeat a cached run)."""
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:
+        raise ConfigError(f"{source}: 'seeds' lists {repeated} more than once; list each seed once")
+    return tuple(seeds)
+
+
 def load_workflow(path: str | Path, registry: Mapping[str, Stage[Any]]) -> ResolvedWorkflow:
     """Load, validate and resolve a workflow file before any work is done.
 
@@ -370,6 +397,7 @@ def load_workflow(path: str | Path, registry: Mapping[str, Stage[Any]]) -> Resol
         path=path,
         pipeline=pipeline,
         seed=workflow.seed,
+        seeds=_unique_seeds(workflow.seeds, path.name),
         experiment=workflow.tracking.experiment or name,
         tracking_uri=workflow.tracking.uri,
         input_paths=input_paths,

@@ -17,6 +17,7 @@ class Ingest(Stage[IngestParams]):
     params = IngestParams
     inputs = ports(source=Kind.SOURCE)
     outputs = ports(dataset=Kind.DATASET)
+    data_seeded = True
     description = "read a source folder into the canonical dataset with seeded splits"
 
     def execute(
@@ -39,6 +40,14 @@ class Ingest(Stage[IngestParams]):
             progress=context.progress,
             on_discovered=context.keep_private,
         )
+        decided = index.preprocessing.normalize
+        logged: dict[str, object] = {"plan.normalize": decided.method}
+        if decided.method == "ct_zscore":  # dataset constants: window (HU), mean, std
+            logged.update(
+                {"plan.normalize_window": list(decided.window), "plan.normalize_mean": decided.mean}
+            )
+            logged["plan.normalize_std"] = decided.std
+        context.log_params(logged)
         counts = {name: len(ids) for name, ids in index.splits.items()}
         full = sum(case.fully_annotated for case in index.cases)
         return {

@@ -9,15 +9,17 @@ read them from the card, so every consumer applies the same post-processing.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from pydantic import Field
 
+from medseg.nets.ensemble import FoldEnsemble
 from medseg.params import Params
 from medseg.runner.contract import Kind, Stage, StageContext, ports
 
@@ -26,7 +28,9 @@ class PostprocessParams(Params):
     """Whether and on which split post-processing is chosen.
 
     ``search: false`` keeps the train stage's values (``train.min_object_size``,
-    ``train.fill_holes``) and records that they were set by hand.
+    ``train.fill_holes``) and records that they were set by hand. For a fold ensemble
+    (``train.folds``) the choice is made on the out-of-fold predictions of every train and
+    val case (each predicted by the fold model that did not train on it); ``split`` is unused.
     """
 
     search: bool = True
@@ -43,11 +47,21 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def _out_of_fold(model: Path, folds: int) -> dict[str, int] | None:
+    """A fold ensemble's ``case id → fold`` map (each case predicted by the fold that never saw it)."""
+    from medseg.inference.model import FOLDS_FILE
+
+    path = model / FOLDS_FILE
+    if folds == 1 or not path.is_file():
+        return None
+    return {case: int(fold) for case, fold in json.loads(path.read_text())["cases"].items()}
+
+
 class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 2
+    version = 3
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
@@ -71,9 +85,14 @@ class Postprocess(Stage[PostprocessParams]):
 
         folder, model_in, model_out = inputs["dataset"], inputs["model"], outputs["model"]
         index = read_index(folder)
-        records = index.split(params.split)
         device = resolve_device(params.device)
         net, card = load_model(model_in, device)
+        assignment = _out_of_fold(model_in, card.folds)
+        records = (
+            index.split(params.split)
+            if assignment is None
+            else [record for record in index.cases if record.case_id in assignment]
+        )
         current = card.inference
         for path in model_in.iterdir():
             if path.is_file() and path.name != CARD_FILE:
@@ -89,8 +108,11 @@ class Postprocess(Stage[PostprocessParams]):
         for number, record in enumerate(records, start=1):
             image, label = load_case(folder, record)
             markers = load_markers(folder, record)
+            member = (
+                net if assignment is None else cast(FoldEnsemble, net).members[assignment[record.case_id]]
+            )
             logits = predict_logits(
-                net,
+                member,
                 image.array,
                 roi_size=current.roi_size,
                 overlap=current.overlap,
@@ -115,8 +137,13 @@ class Postprocess(Stage[PostprocessParams]):
         choice = choose_postprocessing(
             cases, current, object_sizes=sizes, instance_labels=index.instance_labels
         )
+        where = (
+            f"validation ({params.split} split, {len(cases)} cases)"
+            if assignment is None
+            else f"out-of-fold predictions ({card.folds} folds, {len(cases)} cases)"
+        )
         record = PostprocessingRecord(
-            chosen_by=f"validation ({params.split} split, {len(cases)} cases)",
+            chosen_by=where,
             measure=choice.measure,
             score=choice.chosen.score,
             baseline_score=choice.baseline.score,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import torch
 
 from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, load_ignore, read_index
 from medseg.runner.contract import Kind, Stage, StageContext, ports
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from medseg.training.planning import Plan
 
 PLAN_FILE = "plan.json"
+FOLD_RESULT_FILE = "fold_result.pt"
 
 
 def _training_case(folder: Path, record: CaseRecord, channels: int) -> Any:
@@ -94,7 +97,7 @@ def resolve_plan(context: StageContext, params: TrainParams, folder: Path, index
             plan = plan_training(
                 read_fingerprint(folder),
                 params,
-                train_cases=len(index.split("train")),
+                train_cases=len(fold_runs(index, params.folds, context.seed)[0][1]),
                 device=resolve_device(params.device),
             )
             document = {**plan.as_document(), "params": plan.params.model_dump(mode="json")}
@@ -176,9 +179,8 @@ class Train(Stage[TrainParams]):
         (``training.planning``) and logged as ``plan.*``. Checkpoints go to the stage's scratch
         folder after every epoch; a rerun after a crash or kill continues from the last one.
         """
-        from medseg.inference.model import save_model
-        from medseg.training.checkpoint import CHECKPOINT_FILE
-        from medseg.training.loop import sample_bytes, train_segmentation
+        from medseg.inference.model import FOLDS_FILE, save_model
+        from medseg.nets.ensemble import ensemble_state
 
         folder = inputs["dataset"]
         index = read_index(folder)
@@ -186,38 +188,166 @@ class Train(Stage[TrainParams]):
         params = plan.params
         context.log_params({**plan.loggable(), "plan.planned": ",".join(plan.planned) or "none"})
         check_dataset(index, params)
-        splits = {
-            split: [_training_case(folder, record, index.channels) for record in index.split(split)]
-            for split in ("train", "val")
-        }
-        total = sum(sample_bytes(case, params) for cases in splits.values() for case in cases)
-        if total <= params.cache_gib * 2**30:
-            splits = {split: [_cached_case(case) for case in cases] for split, cases in splits.items()}
-        result = train_segmentation(
-            splits["train"],
-            splits["val"],
-            params,
-            seed=context.seed,
-            on_epoch=lambda epoch, metrics: context.log_metrics(metrics, step=epoch),
-            progress=context.progress,
-            checkpoint=context.scratch_dir / CHECKPOINT_FILE,
+        runs = fold_runs(index, params.folds, context.seed)
+        cases = _load_cases(folder, index, params)
+        results = [
+            _train_fold(context, params, fold, [cases[c] for c in train], [cases[c] for c in val])
+            for fold, train, val in runs
+        ]
+        counts = {"train": len(runs[0][1]), "val": len(runs[0][2])}
+        model = outputs["model"]
+        if params.folds == 1:
+            (result,) = results
+            card = model_card(context, params, index, result, counts, plan.planned)
+            save_model(model, result.state_dict, card)
+            save_model(model, result.last_state_dict, card, weights_file="last_weights.pt")
+            (model / "history.json").write_text(json.dumps(result.history, indent=2))
+        else:
+            card = model_card(context, params, index, results[0], counts, plan.planned).model_copy(
+                update={"folds": params.folds}
+            )
+            card = card.model_copy(
+                update={
+                    "training": card.training.model_copy(
+                        update={"best_val": float(np.mean([r.best_metric for r in results]))}
+                    )
+                }
+            )
+            save_model(model, ensemble_state([r.state_dict for r in results]), card)
+            last = ensemble_state([r.last_state_dict for r in results])
+            save_model(model, last, card, weights_file="last_weights.pt")
+            folds_history = {f"fold_{fold}": r.history for (fold, _, _), r in zip(runs, results, strict=True)}
+            (model / "history_folds.json").write_text(json.dumps(folds_history, indent=2))
+            (model / "history.json").write_text(json.dumps(_mean_history(results), indent=2))
+            assignment = {case: fold for fold, _, val in runs for case in val}
+            (model / FOLDS_FILE).write_text(
+                json.dumps({"folds": params.folds, "cases": assignment}, indent=2)
+            )
+        (model / PLAN_FILE).write_text(json.dumps(plan.as_document(), indent=2))
+        return _summary(params, [fold for fold, _, _ in runs], results)
+
+
+def fold_runs(index: DatasetIndex, folds: int, seed: int) -> list[tuple[int | None, list[str], list[str]]]:
+    """The training runs of a model: ``(fold, train case ids, validation case ids)`` each.
+
+    One fold (``None``): the train split trains, the val split validates. ``folds`` > 1: the
+    train and val splits pooled, dealt into folds by a seeded permutation; fold ``i``
+    validates on its cases and trains on the others (the test split is never touched).
+
+    Raises:
+        DataError: more folds than pooled cases.
+
+    """
+    from medseg.errors import DataError
+
+    train, val = ([record.case_id for record in index.split(split)] for split in ("train", "val"))
+    if folds == 1:
+        return [(None, train, val)]
+    pool = sorted(train + val)
+    if folds > len(pool):
+        raise DataError(
+            f"train.folds={folds} but the train and val splits hold {len(pool)} case(s); every fold "
+            f"needs a case to validate on: set train.folds to at most {len(pool)}"
         )
-        counts = {k: len(v) for k, v in splits.items()}
-        card = model_card(context, params, index, result, counts, plan.planned)
-        save_model(outputs["model"], result.state_dict, card)
-        (outputs["model"] / PLAN_FILE).write_text(json.dumps(plan.as_document(), indent=2))
-        save_model(outputs["model"], result.last_state_dict, card, weights_file="last_weights.pt")
-        (outputs["model"] / "history.json").write_text(json.dumps(result.history, indent=2))
-        final = result.history[-1]
-        return {
-            "train/final_loss": final["train/loss"],
-            "train/best_epoch": float(result.best_epoch),
-            "train/epochs_run": float(result.epochs_run),
-            "train/world_size": float(result.world_size),
-            "train/resumed_from_epoch": float(result.resumed_from),
-            "train/steps_per_s": result.steps_per_s,
-            f"train/best_val_{params.select_on}": result.best_metric,
+    order = np.random.default_rng(seed).permutation(len(pool))
+    fold_of = {pool[index]: position % folds for position, index in enumerate(order)}
+    return [
+        (fold, [c for c in pool if fold_of[c] != fold], [c for c in pool if fold_of[c] == fold])
+        for fold in range(folds)
+    ]
+
+
+def _load_cases(folder: Path, index: DatasetIndex, params: TrainParams) -> dict[str, Any]:
+    """Every train/val case as a ``TrainingCase``: held in memory when they fit ``cache_gib``."""
+    from medseg.training.loop import sample_bytes
+
+    records = index.split("train") + index.split("val")
+    cases = {record.case_id: _training_case(folder, record, index.channels) for record in records}
+    if sum(sample_bytes(case, params) for case in cases.values()) <= params.cache_gib * 2**30:
+        cases = {case_id: _cached_case(case) for case_id, case in cases.items()}
+    return cases
+
+
+def _train_fold(
+    context: StageContext, params: TrainParams, fold: int | None, train: list[Any], val: list[Any]
+) -> Any:
+    """Train one model (one fold); a fold finished by an earlier, interrupted run is reused.
+
+    Each fold keeps its checkpoint and, once done, its result in ``scratch/fold_<i>/``, so a
+    crash in fold 3 retrains fold 3 only. Fold metrics are logged as ``fold_<i>/train/loss`` ...
+    """
+    from medseg.collective import broadcast_flag, current
+    from medseg.training.checkpoint import CHECKPOINT_FILE
+    from medseg.training.loop import TrainResult, train_segmentation
+
+    scratch = context.scratch_dir if fold is None else context.scratch_dir / f"fold_{fold}"
+    done = scratch / FOLD_RESULT_FILE
+    collective = current()
+    if fold is not None and broadcast_flag(done.is_file(), collective.world_size):
+        kept = torch.load(done, map_location="cpu", weights_only=True)
+        context.progress(f"train fold {fold}", 1, 1, "reused from the interrupted run")
+        return TrainResult(**kept)
+    prefix = "" if fold is None else f"fold_{fold}/"
+    scratch.mkdir(parents=True, exist_ok=True)
+    result = train_segmentation(
+        train,
+        val,
+        params,
+        seed=context.seed if fold is None else context.seed + 1000 * (fold + 1),
+        on_epoch=lambda epoch, metrics: context.log_metrics(
+            {prefix + key: value for key, value in metrics.items()}, step=epoch
+        ),
+        progress=context.progress,
+        checkpoint=scratch / CHECKPOINT_FILE,
+    )
+    if fold is not None and collective.rank == 0:
+        kept = {
+            "state_dict": result.state_dict,
+            "last_state_dict": result.last_state_dict,
+            "best_epoch": result.best_epoch,
+            "best_metric": result.best_metric,
+            "history": result.history,
+            "world_size": result.world_size,
+            "steps_per_s": result.steps_per_s,
         }
+        torch.save(kept, scratch / (FOLD_RESULT_FILE + ".tmp"))
+        os.replace(scratch / (FOLD_RESULT_FILE + ".tmp"), done)
+    return result
+
+
+def _mean_history(results: list[Any]) -> list[dict[str, float]]:
+    """Per epoch, the mean over folds of each metric the folds logged (the cross-validation curve)."""
+    rows: dict[float, dict[str, list[float]]] = {}
+    for result in results:
+        for row in result.history:
+            merged = rows.setdefault(row["epoch"], {})
+            for key, value in row.items():
+                merged.setdefault(key, []).append(value)
+    return [
+        {key: float(np.nanmean(values)) for key, values in row.items()} for _, row in sorted(rows.items())
+    ]
+
+
+def _summary(params: TrainParams, folds: list[int | None], results: list[Any]) -> dict[str, float]:
+    """The train stage's summary metrics (per fold and their mean when there are folds)."""
+    best = f"best_val_{params.select_on}"
+    first = results[0]
+    summary = {
+        "train/final_loss": float(np.mean([r.history[-1]["train/loss"] for r in results])),
+        "train/best_epoch": float(first.best_epoch),
+        "train/epochs_run": float(max(r.epochs_run for r in results)),
+        "train/world_size": float(first.world_size),
+        "train/resumed_from_epoch": float(first.resumed_from),
+        "train/steps_per_s": float(np.mean([r.steps_per_s for r in results])),
+        f"train/{best}": float(np.mean([r.best_metric for r in results])),
+    }
+    if len(results) > 1:
+        summary["train/folds"] = float(len(results))
+        summary.update(
+            {f"train/fold_{fold}_{best}": r.best_metric for fold, r in zip(folds, results, strict=True)}
+        )
+        summary[f"train/cv_{best}_sd"] = float(np.std([r.best_metric for r in results], ddof=1))
+    return summary
 
 
 STAGE = Train()

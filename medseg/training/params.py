@@ -112,6 +112,9 @@ class TrainParams(Params):
     in memory when they fit in ``cache_gib``, else read from disk for every patch. The
     resumable checkpoint is written every ``checkpoint_every`` epochs (and at the end).
     ``budget`` replaces ``epochs`` by a number of optimiser steps or minutes (``TrainBudget``).
+    ``folds`` > 1 trains a k-fold cross-validation over the pooled train and val cases (each
+    fold validates on its own cases; the budget is per fold) and keeps all fold models as one
+    ensemble that averages their probabilities.
 
     The values named in ``PLANNED`` are planned from the dataset when the workflow (or its
     pipeline) leaves them unset (``medseg.training.planning``, tuned by ``planning``); the
@@ -144,6 +147,7 @@ class TrainParams(Params):
     num_workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=1)
     planning: PlanningParams = Field(default_factory=PlanningParams)
+    folds: int = Field(1, ge=1)
 
     @property
     def inference(self) -> InferenceSettings:

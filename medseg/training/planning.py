@@ -21,7 +21,8 @@ sized for the machine at hand):
 - ``border_width`` from the median object diameter;
 - the schedule: a ``budget`` of ``planning.steps`` optimiser steps unless the workflow sets
   ``epochs`` or a budget; unless ``epochs`` is set, ``epoch_repeats`` so an epoch has about
-  ``planning.steps_per_epoch`` steps; ``val_every`` for about ``planning.validations``
+  ``planning.steps_per_epoch`` steps (fewer when a small steps budget would otherwise validate
+  less than ``planning.validations`` times); ``val_every`` for about ``planning.validations``
   validations.
 """
 
@@ -324,14 +325,16 @@ def plan_training(
     choose("samples_per_image", spi)
     choose("batch_size", max(1, patches // spi))
     batch = update.get("batch_size", params.batch_size)
-    visits = max(1, train_cases) * spi
-    if "epochs" not in fixed:  # epochs set by hand keep their meaning: passes over the cases
-        choose("epoch_repeats", max(1, round(planning.steps_per_epoch * batch * spi / visits)))
-    repeats = update.get("epoch_repeats", params.epoch_repeats)
-    per_epoch = max(1, math.ceil(max(1, train_cases) * repeats / batch))
     if "epochs" not in fixed and "budget" not in fixed:
         choose("budget", TrainBudget(steps=planning.steps))
     budget = update.get("budget", params.budget)
+    epoch_steps = planning.steps_per_epoch
+    if budget is not None and budget.steps is not None:  # a small budget still validates often
+        epoch_steps = max(1, min(epoch_steps, budget.steps // planning.validations))
+    if "epochs" not in fixed:  # epochs set by hand keep their meaning: passes over the cases
+        choose("epoch_repeats", max(1, round(epoch_steps * batch / max(1, train_cases))))
+    repeats = update.get("epoch_repeats", params.epoch_repeats)
+    per_epoch = max(1, math.ceil(max(1, train_cases) * repeats / batch))
     if budget is not None and budget.minutes is not None:
         step_seconds = trial.seconds_per_patch * batch * spi
         epochs_expected = max(1, int(budget.minutes * 60 / max(step_seconds * per_epoch, 1e-9)))

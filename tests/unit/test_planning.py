@@ -109,3 +109,11 @@ def test_memory_budget_too_small_even_for_the_smallest_patch_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"train\.planning\.memory_gib=0\.0001 cannot hold") as error:
         plan_training(_cells_fingerprint(), params, train_cases=14, device=CPU)
     assert "GiB" in str(error.value) and "smaller train.patch_size" in str(error.value)
+
+
+def test_ct_zscore_clips_to_the_window_then_standardises():
+    from medseg.io.preprocessing import NormalizeParams, normalize_intensity
+
+    decided = NormalizeParams(method="ct_zscore", window=(-100.0, 300.0), mean=100.0, std=50.0)
+    values = normalize_intensity(np.array([-1000.0, 100.0, 200.0, 5000.0]), decided)
+    assert values.tolist() == [-4.0, 0.0, 2.0, 4.0]

@@ -13,6 +13,7 @@ from medseg.inference.segmenter import Segmenter
 from medseg.inference.settings import InferenceSettings
 from medseg.io.dataset import read_index
 from medseg.io.ingest import IngestParams, ingest_dataset
+from medseg.io.preprocessing import NormalizeParams
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume
 from medseg.nets.unet import NetParams, build_net
@@ -66,7 +67,37 @@ SOURCES = {
         lambda tmp: _case_folder(tmp, require(CT_SERIES)),
         lambda source: source / "case" / "image",
     ),
+    "dicom-ct-auto": (
+        {"layout": "cases", "spacing": (2.0, 2.0, 3.0), "normalize": {"method": "auto"}},
+        lambda tmp: _case_folder(tmp, require(CT_SERIES)),
+        lambda source: source / "case" / "image",
+    ),
 }
+
+
+def test_auto_normalisation_is_decided_per_modality(tmp_path):
+    def decided(source: Path, layout: str, name: str) -> NormalizeParams:
+        params = IngestParams.model_validate(
+            {
+                "layout": layout,
+                "train_on": "all",
+                "normalize": {"method": "auto"},
+                "split": {"val_fraction": 0.0, "test_fraction": 0.0},
+            }
+        )
+        index, _ = ingest_dataset(source, params, tmp_path / name, seed=0, progress=lambda *args: None)
+        return index.preprocessing.normalize
+
+    assert decided(_ctc_frame(tmp_path), "ctc", "cells").method == "percentile"
+    # a 3D NIfTI says no modality: per-image z-score
+    assert decided(_case_folder(tmp_path / "nifti", require(CT_NIFTI)), "cases", "nifti").method == "zscore"
+    ct = decided(_case_folder(tmp_path / "ct", require(CT_SERIES)), "cases", "ct")
+    raw = read_image(require(CT_SERIES)).array
+    body = raw[raw > -500]  # the label of _case_folder: nnU-Net's statistics of labelled voxels
+    assert ct.method == "ct_zscore"
+    assert ct.window[0] == pytest.approx(np.percentile(body, 0.5), abs=15)
+    assert ct.window[1] == pytest.approx(np.percentile(body, 99.5), abs=40)
+    assert ct.mean == pytest.approx(body.mean(), rel=0.05) and ct.std == pytest.approx(body.std(), rel=0.05)
 
 
 @pytest.mark.parametrize("kind", list(SOURCES))
