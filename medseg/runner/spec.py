@@ -165,7 +165,9 @@ class ResolvedWorkflow:
                 raise ConfigError(f"workflow {self.name}: no stage '{name}'{_closest(name, list(by_name))}")
             needed.add(name)
             pending.extend(source.split(".", 1)[0] for source in by_name[name].inputs.values())
-        return replace(self, stages=tuple(s for s in self.stages if s.name in needed))
+        kept = tuple(stage for stage in self.stages if stage.name in needed)
+        repeated = any(not stage.spec.data_seeded for stage in kept)  # else one run serves every seed
+        return replace(self, stages=kept, seeds=self.seeds if repeated else ())
 
     def resolved_document(self) -> dict[str, Any]:
         """The resolved workflow as data: pipeline, seed and every stage's full params.

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 import medseg
 from medseg.api import workflow_status
 from medseg.errors import ConfigError
-from tests.integration.helpers import FAST_TRAIN, child_runs, spy_on_stages, write_workflow
+from tests.integration.helpers import FAST_TRAIN, child_runs, run_cli, spy_on_stages, write_workflow
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,12 @@ def test_seeds_run_once_each_share_the_split_and_report_the_spread(tmp_path, pha
     assert calls["train"] == 3
     status = {stage.name: stage.state for stage in workflow_status(workflow, workspace=tmp_path / "ws")}
     assert status["ingest"] == "cached" and status["train (seed 1)"] == "cached" and len(status) == 13
+
+    shown = run_cli("run", str(workflow), "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if "eval/seg " in line or "eval/seg │" in line)
+    assert f"{result.metrics['eval/seg_mean']:.4f} ± {result.metrics['eval/seg_sd']:.4f}" in row
+    assert f"{per_seed[1]:.4f}" in row and "stages executed: none" in shown.stderr
 
     # A fourth seed trains once more; the three others stay cached.
     medseg.run_workflow(_seeded(tmp_path, phantom_dir, [0, 1, 2, 3]), workspace=tmp_path / "ws")

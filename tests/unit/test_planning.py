@@ -117,3 +117,21 @@ def test_ct_zscore_clips_to_the_window_then_standardises():
     decided = NormalizeParams(method="ct_zscore", window=(-100.0, 300.0), mean=100.0, std=50.0)
     values = normalize_intensity(np.array([-1000.0, 100.0, 200.0, 5000.0]), decided)
     assert values.tolist() == [-4.0, 0.0, 2.0, 4.0]
+
+
+def test_anisotropic_strides_build_a_net_that_keeps_the_patch_shape():
+    from medseg.nets.unet import NetParams, build_net
+
+    net_params = NetParams(channels=(4, 8, 16, 32), strides=((2, 2, 1), (2, 2, 1), 2), num_res_units=1)
+    assert net_params.size_divisors(3) == (8, 8, 2)
+    params = TrainParams.model_validate(
+        {"spatial_dims": 3, "patch_size": [32, 32, 6], "net": net_params.model_dump()}
+    )
+    assert params.patch_size == (32, 32, 6)
+    with pytest.raises(ValueError, match=r"multiples of \(8, 8, 2\) per axis"):
+        TrainParams.model_validate(
+            {"spatial_dims": 3, "patch_size": [32, 32, 5], "net": net_params.model_dump()}
+        )
+    net = build_net(net_params, spatial_dims=3, in_channels=1, out_channels=2)
+    with torch.inference_mode():
+        assert net(torch.zeros(1, 1, 32, 32, 6)).shape == (1, 2, 32, 32, 6)
