@@ -70,6 +70,16 @@ def previous_sections(path: Path) -> dict[str, str]:
     return sections
 
 
+def _about(name: str) -> str:
+    """A section's description: its module's docstring, or for the later benchmarks of a module
+    that runs several, the function's own docstring and where the setup is described."""
+    function = BENCHMARKS[name]
+    siblings = [other for other, f in BENCHMARKS.items() if f.__module__ == function.__module__]
+    if siblings[0] == name:
+        return (sys.modules[function.__module__].__doc__ or "").strip()
+    return f"{(function.__doc__ or '').strip()} (setup: section {siblings[0]})"
+
+
 def main() -> None:
     """Run the benchmarks named on the command line (default: all) and update RESULTS.md.
 
@@ -86,7 +96,7 @@ def main() -> None:
         rows = BENCHMARKS[name]()
         table = markdown(rows)
         print(f"\n## {name}{suffix}\n{table}")
-        about = (sys.modules[BENCHMARKS[name].__module__].__doc__ or "").strip()
+        about = _about(name)
         sections[name + suffix] = (
             f"## {name}{suffix}\n\n{datetime.date.today()}: {machine()}\n\n{about}\n\n{table}\n"
         )
