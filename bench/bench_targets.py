@@ -1,8 +1,8 @@
 """Touching-cell separation: boundary-aware training vs plain foreground, same CPU budget.
 
-Runs the shipped GOWT1 example (``workflows/examples/gowt1_unet2d.yaml``: real Cell Tracking
-Challenge data, 2 fully annotated training frames, 80 optimiser steps of 4×4 patches 256²)
-once per variant, changing only the target and the loss:
+Runs the shipped GOWT1 example as committed (``workflows/examples/gowt1_unet2d.yaml``: real Cell
+Tracking Challenge data, every annotated frame, its steps budget, the other training values
+planned from the data) once per variant, changing only the target and the loss:
 
 - ``foreground`` + Dice/CE: instances are connected components of the foreground;
 - ``foreground`` + Dice + the U-Net paper's border-weighted CE (w0 = 10, σ = 5 px);
@@ -10,8 +10,8 @@ once per variant, changing only the target and the loss:
   instances grown from interior seeds.
 
 Every variant has the same net, steps, patches, seed and validation schedule; the table gives
-the test split's SEG (27 frames, 72 annotated cells), foreground IoU/Dice (the fully
-annotated test frame), and the train stage's seconds.
+the test split's SEG (every annotated cell of the test frames), foreground IoU/Dice (the fully
+annotated test frames), and the train stage's seconds.
 """
 
 from __future__ import annotations

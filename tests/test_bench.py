@@ -42,7 +42,7 @@ def test_targets_benchmark_smoke(tmp_path):
     from medseg.demo import write_phantom_ctc
 
     data = write_phantom_ctc(tmp_path / "phantom", frames=8, size=64)
-    tiny = {"epochs": 1, "epoch_repeats": 1, "patch_size": [32, 32], "samples_per_image": 2}
+    tiny = {"budget": {"steps": 2}, "patch_size": [32, 32], "samples_per_image": 2, "batch_size": 4}
     rows = bench_targets.run(data=data, train=tiny)
     assert [row["variant"] for row in rows] == list(bench_targets.VARIANTS)
     assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)
@@ -64,7 +64,7 @@ def test_accuracy_benchmark_smoke(tmp_path):
     from medseg.demo import write_phantom_ctc
 
     data = write_phantom_ctc(tmp_path / "phantom", frames=8, size=64)
-    tiny = {"epochs": 1, "epoch_repeats": 1, "patch_size": [32, 32], "samples_per_image": 2}
+    tiny = {"budget": {"steps": 2}, "patch_size": [32, 32], "samples_per_image": 2, "batch_size": 4}
     rows = bench_accuracy.run(data=data, train=tiny)
     assert [row["method"] for row in rows] == ["medseg default 2D workflow", "plain MONAI script"]
     assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)
