@@ -375,10 +375,8 @@ def plan_workflow(
     import yaml
 
     from medseg.io.dataset import read_index
-    from medseg.io.fingerprint import read_fingerprint
-    from medseg.training.loop import resolve_device
+    from medseg.stages.train import plan_for
     from medseg.training.params import TrainParams
-    from medseg.training.planning import plan_training
 
     resolved = validate_workflow(path)
     trains = [stage for stage in resolved.stages if isinstance(stage.params, TrainParams)]
@@ -400,13 +398,7 @@ def plan_workflow(
     for stage, source in zip(trains, sources, strict=True):
         producer, output = source.split(".", 1)
         folder = result.outputs[producer][output]
-        params = cast(TrainParams, stage.params)
-        plan = plan_training(
-            read_fingerprint(folder),
-            params,
-            train_cases=len(read_index(folder).split("train")),
-            device=resolve_device(params.device),
-        )
+        plan = plan_for(folder, read_index(folder), cast(TrainParams, stage.params), resolved.seed_of(stage))
         mine = written.get(stage.name) or {}
         values = []
         for key, value in plan.values.items():

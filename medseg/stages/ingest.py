@@ -43,10 +43,11 @@ class Ingest(Stage[IngestParams]):
         decided = index.preprocessing.normalize
         logged: dict[str, object] = {"plan.normalize": decided.method}
         if decided.method == "ct_zscore":  # dataset constants: window (HU), mean, std
-            logged.update(
-                {"plan.normalize_window": list(decided.window), "plan.normalize_mean": decided.mean}
-            )
-            logged["plan.normalize_std"] = decided.std
+            logged |= {
+                "plan.normalize_window": list(decided.window),
+                "plan.normalize_mean": decided.mean,
+                "plan.normalize_std": decided.std,
+            }
         context.log_params(logged)
         counts = {name: len(ids) for name, ids in index.splits.items()}
         full = sum(case.fully_annotated for case in index.cases)

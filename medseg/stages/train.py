@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -76,6 +77,24 @@ def check_dataset(index: DatasetIndex, params: TrainParams) -> None:
         )
 
 
+def plan_for(folder: Path, index: DatasetIndex, params: TrainParams, seed: int) -> Plan:
+    """Plan training on the dataset in ``folder`` (its fingerprint) on the training device.
+
+    ``seed`` is the train stage's seed: it deals the folds, so the plan sees the training
+    cases of a fold. ``medseg plan`` and the train stage both plan through here.
+    """
+    from medseg.io.fingerprint import read_fingerprint
+    from medseg.training.loop import resolve_device
+    from medseg.training.planning import plan_training
+
+    return plan_training(
+        read_fingerprint(folder),
+        params,
+        train_cases=len(fold_runs(index, params.folds, seed)[0][1]),
+        device=resolve_device(params.device),
+    )
+
+
 def resolve_plan(context: StageContext, params: TrainParams, folder: Path, index: DatasetIndex) -> Plan:
     """The plan of this training run: made once by rank 0 and kept in the scratch folder.
 
@@ -83,9 +102,7 @@ def resolve_plan(context: StageContext, params: TrainParams, folder: Path, index
     speed, which must not change under a resumed run); every rank gets rank 0's plan.
     """
     from medseg.collective import broadcast_object, current
-    from medseg.io.fingerprint import read_fingerprint
-    from medseg.training.loop import resolve_device
-    from medseg.training.planning import Plan, plan_training
+    from medseg.training.planning import Plan
 
     kept = context.scratch_dir / PLAN_FILE
     collective = current()
@@ -94,12 +111,7 @@ def resolve_plan(context: StageContext, params: TrainParams, folder: Path, index
         if kept.is_file():
             document = json.loads(kept.read_text())
         else:
-            plan = plan_training(
-                read_fingerprint(folder),
-                params,
-                train_cases=len(fold_runs(index, params.folds, context.seed)[0][1]),
-                device=resolve_device(params.device),
-            )
+            plan = plan_for(folder, index, params, context.seed)
             document = {**plan.as_document(), "params": plan.params.model_dump(mode="json")}
             context.scratch_dir.mkdir(parents=True, exist_ok=True)
             kept.write_text(json.dumps(document, indent=2))
@@ -196,33 +208,24 @@ class Train(Stage[TrainParams]):
         ]
         counts = {"train": len(runs[0][1]), "val": len(runs[0][2])}
         model = outputs["model"]
-        if params.folds == 1:
-            (result,) = results
-            card = model_card(context, params, index, result, counts, plan.planned)
-            save_model(model, result.state_dict, card)
-            save_model(model, result.last_state_dict, card, weights_file="last_weights.pt")
-            (model / "history.json").write_text(json.dumps(result.history, indent=2))
-        else:
-            card = model_card(context, params, index, results[0], counts, plan.planned).model_copy(
-                update={"folds": params.folds}
+        card = model_card(context, params, index, results[0], counts, plan.planned)
+        best, last = results[0].state_dict, results[0].last_state_dict
+        if params.folds > 1:
+            training = card.training.model_copy(
+                update={"best_val": float(np.mean([r.best_metric for r in results]))}
             )
-            card = card.model_copy(
-                update={
-                    "training": card.training.model_copy(
-                        update={"best_val": float(np.mean([r.best_metric for r in results]))}
-                    )
-                }
-            )
-            save_model(model, ensemble_state([r.state_dict for r in results]), card)
+            card = card.model_copy(update={"folds": params.folds, "training": training})
+            best = ensemble_state([r.state_dict for r in results])
             last = ensemble_state([r.last_state_dict for r in results])
-            save_model(model, last, card, weights_file="last_weights.pt")
             folds_history = {f"fold_{fold}": r.history for (fold, _, _), r in zip(runs, results, strict=True)}
             (model / "history_folds.json").write_text(json.dumps(folds_history, indent=2))
-            (model / "history.json").write_text(json.dumps(_mean_history(results), indent=2))
             assignment = {case: fold for fold, _, val in runs for case in val}
             (model / FOLDS_FILE).write_text(
                 json.dumps({"folds": params.folds, "cases": assignment}, indent=2)
             )
+        save_model(model, best, card)
+        save_model(model, last, card, weights_file="last_weights.pt")
+        (model / "history.json").write_text(json.dumps(_mean_history(results), indent=2))
         (model / PLAN_FILE).write_text(json.dumps(plan.as_document(), indent=2))
         return _summary(params, [fold for fold, _, _ in runs], results)
 
@@ -301,22 +304,19 @@ def _train_fold(
         checkpoint=scratch / CHECKPOINT_FILE,
     )
     if fold is not None and collective.rank == 0:
-        kept = {
-            "state_dict": result.state_dict,
-            "last_state_dict": result.last_state_dict,
-            "best_epoch": result.best_epoch,
-            "best_metric": result.best_metric,
-            "history": result.history,
-            "world_size": result.world_size,
-            "steps_per_s": result.steps_per_s,
-        }
+        kept = {field.name: getattr(result, field.name) for field in dataclasses.fields(result)}
         torch.save(kept, scratch / (FOLD_RESULT_FILE + ".tmp"))
         os.replace(scratch / (FOLD_RESULT_FILE + ".tmp"), done)
     return result
 
 
 def _mean_history(results: list[Any]) -> list[dict[str, float]]:
-    """Per epoch, the mean over folds of each metric the folds logged (the cross-validation curve)."""
+    """Per epoch, the mean over folds of each metric the folds logged (the cross-validation curve).
+
+    One result: its own history.
+    """
+    if len(results) == 1:
+        return results[0].history
     rows: dict[float, dict[str, list[float]]] = {}
     for result in results:
         for row in result.history:

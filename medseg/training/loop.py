@@ -339,6 +339,16 @@ def _checkpoint_due(params: TrainParams, epoch: int) -> bool:
     return epoch % params.checkpoint_every == 0 or epoch == params.epochs
 
 
+def build_training_net(params: TrainParams, in_channels: int) -> torch.nn.Module:
+    """The untrained net of ``params``: ``(N, in_channels, *spatial)`` → one logit per target class."""
+    return build_net(
+        params.net,
+        spatial_dims=params.spatial_dims,
+        in_channels=in_channels,
+        out_channels=target_classes(params.target),
+    )
+
+
 def _start(params: TrainParams, channels: int, seed: int, checkpoint: Path | None) -> _Session:
     """Build net, optimiser, schedule and loss on this rank's device; resume from ``checkpoint``."""
     collective = current()
@@ -350,12 +360,7 @@ def _start(params: TrainParams, channels: int, seed: int, checkpoint: Path | Non
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.backends.cudnn.deterministic = False
     seed_everything(seed)
-    net = build_net(
-        params.net,
-        spatial_dims=params.spatial_dims,
-        in_channels=channels,
-        out_channels=target_classes(params.target),
-    ).to(device)
+    net = build_training_net(params, channels).to(device)
     model: torch.nn.Module = net
     if collective.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -180,16 +180,11 @@ def trial_step(params: TrainParams, in_channels: int, *, device: torch.device, p
     (activation memory, the part that grows with the batch) and the fixed part is parameters ×
     4 (weights, gradients, two Adam moments).
     """
-    from medseg.nets.unet import build_net
+    from medseg.training.loop import build_training_net
     from medseg.training.targets import target_classes
 
     torch.manual_seed(0)
-    net = build_net(
-        params.net,
-        spatial_dims=params.spatial_dims,
-        in_channels=in_channels,
-        out_channels=target_classes(params.target),
-    ).to(device)
+    net = build_training_net(params, in_channels).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     fixed = 4.0 * sum(p.numel() * p.element_size() for p in net.parameters())
     weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
