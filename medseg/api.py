@@ -55,6 +55,8 @@ class WorkflowResult:
         repeats: for a workflow with ``seeds``, each seed's own result (its outputs, metrics
             and nested run); ``metrics`` then holds the spread (``seed_spread``), ``executed``
             the stages that ran for any seed.
+        review_link: the MLflow UI address fragment (after the server URL) of the experiment's
+            runs table with the ``eval/*`` columns; ``None`` without MLflow tracking.
 
     """
 
@@ -67,6 +69,7 @@ class WorkflowResult:
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     repeats: dict[int, WorkflowResult] = field(default_factory=dict)
+    review_link: str | None = None
 
 
 def model_registry(tracking_uri: str) -> ModelResolver:
@@ -141,15 +144,21 @@ def workflow_status(path: str | Path, *, workspace: str | Path = DEFAULT_WORKSPA
     return list(listed.values())
 
 
-def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[ResilientTracker, str]:
+def make_tracker(
+    tracking_uri: str | None, workspace: Workspace, *, daemon_idle_s: float = 0.0
+) -> tuple[ResilientTracker, str]:
     """An MLflow tracker for ``tracking_uri`` (else the workspace's embedded SQLite store).
 
     It is wrapped so that metrics, tags and artifacts logged while the server is away are
-    journalled in ``<workspace>/tracking-journal/`` and replayed when it is back.
+    journalled in ``<workspace>/tracking-journal/`` and replayed when it is back. With
+    ``daemon_idle_s`` > 0 the embedded store is reached through the tracking daemon
+    (``tracking/daemon.py``) when one is running, else tracked in-process while one starts
+    for the next run, staying up ``daemon_idle_s`` seconds after its last client.
     """
     from medseg.tracking.mlflow import MlflowTracker, redact_uri
 
     journal = workspace.journal_dir / uuid.uuid4().hex
+    inner: Tracker
     if tracking_uri:
         if any(os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN")):
             refuse_clear_text_credentials(tracking_uri, "MLflow tracking", os.environ)
@@ -157,8 +166,22 @@ def make_tracker(tracking_uri: str | None, workspace: Workspace) -> tuple[Resili
     else:
         workspace.root.mkdir(parents=True, exist_ok=True)
         tracking_uri = workspace.default_tracking_uri
-        inner = MlflowTracker(tracking_uri, artifact_root=workspace.artifact_root)
+        inner = _embedded_tracker(workspace, daemon_idle_s)
     return ResilientTracker(inner, journal, tracking_uri=redact_uri(tracking_uri)), tracking_uri
+
+
+def _embedded_tracker(workspace: Workspace, daemon_idle_s: float) -> Tracker:
+    """The workspace store's tracker: the warm daemon's when there is one, else an in-process one."""
+    from medseg.tracking.daemon import DaemonTracker, start_daemon
+    from medseg.tracking.mlflow import MlflowTracker
+
+    uri, store = workspace.default_tracking_uri, workspace.mlflow_db
+    if daemon_idle_s > 0 and (warm := DaemonTracker.connect(uri, store)) is not None:
+        return warm
+    tracker = MlflowTracker(uri, artifact_root=workspace.artifact_root)
+    if daemon_idle_s > 0:
+        start_daemon(uri, store, workspace.artifact_root, daemon_idle_s)
+    return tracker
 
 
 def sync_tracking(*, workspace: str | Path = DEFAULT_WORKSPACE, tracking_uri: str | None = None) -> int:
@@ -190,6 +213,7 @@ def run_workflow(
     progress: ProgressCallback | None = None,
     collective: Collective | None = None,
     upstream_of: Sequence[str] = (),
+    tracking_daemon_idle_s: float = 0.0,
 ) -> WorkflowResult:
     """Run a workflow file, reusing cached stages, and track it.
 
@@ -206,6 +230,9 @@ def run_workflow(
             with rank 0 and track nothing.
         upstream_of: run only the stages that produce these outputs (``"ingest.dataset"``)
             and what they read; default: every stage.
+        tracking_daemon_idle_s: > 0: track the embedded store through the tracking daemon
+            (started for later runs if none is up; it exits after this many idle seconds).
+            The CLI uses it to keep MLflow's start-up off a rerun; the default tracks in-process.
 
     Raises:
         ConfigError, DataError, StageError, TrackingError: with a one-line cause and fix.
@@ -220,7 +247,7 @@ def run_workflow(
     if collective.rank > 0:
         tracker = NullTracker()
     elif tracker is None:
-        tracker, uri = make_tracker(uri, space)
+        tracker, uri = make_tracker(uri, space, daemon_idle_s=tracking_daemon_idle_s)
     from medseg.tracking.mlflow import redact_uri
 
     runner, store = Runner(space, collective), redact_uri(uri or "")
@@ -234,9 +261,14 @@ def run_workflow(
         if isinstance(tracker, ResilientTracker):
             with contextlib.suppress(TrackingError):  # best effort; the original error matters
                 tracker.flush()
+            tracker.close()
         raise
     if isinstance(tracker, ResilientTracker):
-        tracker.flush()
+        try:
+            tracker.flush()
+            result = replace(result, review_link=tracker.review_link(resolved.experiment))
+        finally:
+            tracker.close()
     return result
 
 
@@ -281,9 +313,10 @@ def _run_seeds(
     store: str,
 ) -> WorkflowResult:
     """Run each seed's repeat nested under one parent run that reports the spread over seeds."""
+    title = f"{resolved.name} ({len(resolved.seeds)} seeds)"
     parent = tracker.start_run(
         experiment=resolved.experiment,
-        name=f"{resolved.name} ({len(resolved.seeds)} seeds)",
+        name=f"{title} · running",
         tags={
             "medseg.workflow": resolved.name,
             "medseg.pipeline": resolved.pipeline.name,
@@ -302,21 +335,25 @@ def _run_seeds(
             )
             repeats[seed] = _result(outcome, tracking_uri)
     except BaseException as exc:  # the cause is on the seed's own run, behind the redactor
-        tracker.set_tags(parent, {"medseg.error": f"seed {seed} failed; see its run"})
+        failed = {"medseg.error": f"seed {seed} failed; see its run", "mlflow.runName": f"{title} · failed"}
+        tracker.set_tags(parent, failed)
         tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     spread = seed_spread({seed: result.metrics for seed, result in repeats.items()})
-    tracker.log_params(parent, {"seeds": list(resolved.seeds), "seed": resolved.seed})
-    tracker.log_metrics(parent, spread)
-    tracker.end_run(parent, "FINISHED")
     names = [stage.name for stage in resolved.stages]
     executed = {name for result in repeats.values() for name in result.executed}
+    ran = [name for name in names if name in executed]
+    tracker.log_params(parent, {"seeds": list(resolved.seeds), "seed": resolved.seed})
+    tracker.log_metrics(parent, spread)
+    what = f"ran {', '.join(ran)}" if ran else "all cached"
+    tracker.set_tags(parent, {"mlflow.runName": f"{title} · {what}"})
+    tracker.end_run(parent, "FINISHED")
     return WorkflowResult(
         workflow=resolved.name,
         parent_run_id=parent,
         tracking_uri=tracking_uri,
         metrics=spread,
-        executed=[name for name in names if name in executed],
+        executed=ran,
         cached=[name for name in names if name not in executed],
         repeats=repeats,
     )

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,8 +60,21 @@ WorkflowArgument = Annotated[Path, typer.Argument(help="Workflow YAML file.")]
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for compute (default: OMP_NUM_THREADS, else the CPUs this process may use).",
+        ),
+    ] = None,
 ) -> None:
+    from medseg.threads import compute_threads, thread_environment
+
     _state["debug"] = debug
+    settings = thread_environment(compute_threads(threads, os.environ))
+    os.environ.update({key: value for key, value in settings.items() if key.endswith("_NUM_THREADS")})
+    os.environ.setdefault("OMP_WAIT_POLICY", settings["OMP_WAIT_POLICY"])
 
 
 @contextmanager
@@ -79,16 +91,48 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _quiet_libraries() -> None:
+class _DebugLog(logging.FileHandler):
+    """A log file created (with its folder) at the first record, so a failed command leaves no workspace."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self) -> Any:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+def _quiet_libraries(workspace: Path | None = None) -> None:
+    """Keep third-party chatter off the user's terminal: it goes to ``<workspace>/logs/debug.log``.
+
+    Python warnings (``logging.captureWarnings``) and the records of every library logger
+    reach only that file (nowhere without a workspace); medseg's own warnings (a broken
+    plugin) stay on the terminal. With ``--debug`` everything is shown as well.
+    """
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # its records reach our handlers
     # MLflow's default (7 retries, doubling back-off) hangs for minutes on a dead server;
     # medseg journals what cannot be sent instead (see `medseg tracking sync`).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("mlflow", "alembic", "monai"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if workspace is not None:
+        to_file = _DebugLog(workspace / "logs" / "debug.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root.addHandler(to_file)
+    else:
+        root.addHandler(logging.NullHandler())
+    to_terminal = logging.StreamHandler()
+    to_terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    if _state["debug"]:
+        root.addHandler(to_terminal)
+    else:
+        to_terminal.setLevel(logging.WARNING)
+        logging.getLogger("medseg").addHandler(to_terminal)
 
 
 def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) -> Any:
@@ -123,6 +167,7 @@ def _progress_bar() -> Progress:
 
 def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective: Any) -> Any:
     from medseg.api import run_workflow
+    from medseg.tracking.daemon import idle_seconds
 
     with _progress_bar() as bar:
         tasks: dict[str, Any] = {}
@@ -145,6 +190,7 @@ def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective
             on_event=on_event,
             progress=progress,
             collective=collective,
+            tracking_daemon_idle_s=idle_seconds(os.environ),
         )
 
 
@@ -185,6 +231,26 @@ def _print_result(result: Any) -> None:
     executed = ", ".join(result.executed) or "none"
     console.print(f"stages executed: {executed}; cached: {', '.join(result.cached) or 'none'}")
     console.print(f"MLflow parent run {result.parent_run_id} in {_display_uri(result.tracking_uri)}")
+    _print_review(result)
+
+
+def _print_review(result: Any) -> None:
+    """Where a reviewer sees the runs: the experiment's runs table with the ``eval/*`` columns."""
+    if not result.review_link:
+        return
+    uri = _display_uri(result.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        console.print(
+            f"review the runs: {uri.rstrip('/')}/{result.review_link}", soft_wrap=True, highlight=False
+        )
+        return
+    console.print(
+        "\nBrowse the runs in the MLflow UI:\n"
+        f"  MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {uri} --port 5000\n"
+        f"then open http://127.0.0.1:5000/{result.review_link}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def _display_uri(uri: str) -> str:
@@ -200,7 +266,7 @@ def run(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Run a workflow: stages whose inputs and params are unchanged are reused from the cache."""
-    _quiet_libraries()
+    _quiet_libraries(workspace)
     with _errors():
         result = _run_with_progress(workflow, workspace, tracking_uri)
     if result.parent_run_id:  # ranks > 0 of a torchrun launch print nothing
@@ -248,7 +314,7 @@ def plan(
     """
     from medseg.api import plan_workflow
 
-    _quiet_libraries()
+    _quiet_libraries(workspace)
     with _errors():
         plans = plan_workflow(workflow, workspace=workspace, tracking_uri=tracking_uri)
     if as_json:
@@ -287,9 +353,8 @@ def demo(
     """Generate a phantom cell dataset and run the demo workflow on it end to end."""
     from medseg.demo import write_phantom_ctc
     from medseg.resources import shipped_dir
-    from medseg.runner.workspace import Workspace
 
-    _quiet_libraries()
+    _quiet_libraries(directory / ".medseg")
     directory.mkdir(parents=True, exist_ok=True)
     write_phantom_ctc(directory / "phantom")
     workflow = directory / "demo.yaml"
@@ -299,13 +364,6 @@ def demo(
     with _errors():
         result = _run_with_progress(workflow, workspace, None)
     _print_result(result)
-    db = Workspace(workspace).mlflow_db.resolve()
-    console.print(
-        "\nBrowse the runs in the MLflow UI:\n"
-        f"  MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri sqlite:///{db} --port 5000\n"
-        "then open http://127.0.0.1:5000 and the experiment 'medseg-demo'.",
-        soft_wrap=True,
-    )
 
 
 @app.command()
@@ -423,7 +481,7 @@ def predict(
     from medseg.io.cohort import OUTPUT_SUFFIX, discover_images
     from medseg.runner.workspace import Workspace
 
-    _quiet_libraries()
+    _quiet_libraries(workspace)
     if output_format not in OUTPUT_SUFFIX:
         console.print(f"[bold red]error:[/] --format must be one of {', '.join(OUTPUT_SUFFIX)}")
         raise typer.Exit(1)
@@ -581,7 +639,7 @@ def tracking_sync(
     """Send the metrics, tags and run ends journalled while a tracking server was away."""
     from medseg.api import sync_tracking
 
-    _quiet_libraries()
+    _quiet_libraries(workspace)
     with _errors():
         sent = sync_tracking(workspace=workspace, tracking_uri=tracking_uri)
     console.print(f"sent {sent} journal{'s' if sent != 1 else ''}" if sent else "nothing to send")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Commands under test track in-process: a tracking daemon per test workspace would outlive the
+# test by its idle time. tests/integration/test_tracking_daemon.py switches it on where tested.
+os.environ["MEDSEG_TRACKING_DAEMON"] = "0"
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"

@@ -23,13 +23,13 @@ from medseg.collective import Collective
 from medseg.errors import MedsegError, StageError
 from medseg.registry import plugin_versions
 from medseg.runner.cache import DigestMemo, Manifest, cache_key, library_versions
-from medseg.runner.contract import ProgressCallback, StageContext
+from medseg.runner.contract import Kind, ProgressCallback, StageContext
 from medseg.runner.distributed import follow
 from medseg.runner.lifecycle import Lease, open_lease, reclaim
 from medseg.runner.outcome import PlannedStage, RunOutcome, StageEvent, StageOutcome
 from medseg.runner.spec import ResolvedStage, ResolvedWorkflow
 from medseg.runner.workspace import Workspace
-from medseg.tracking.base import Tracker, flatten_params
+from medseg.tracking.base import DatasetInfo, Tracker, flatten_params
 from medseg.tracking.redact import RedactingTracker, Redactor
 
 Produced = dict[str, StageOutcome | PlannedStage]
@@ -38,6 +38,9 @@ Produced = dict[str, StageOutcome | PlannedStage]
 Resolved = tuple[dict[str, str], dict[str, Path]]
 """A stage's input digests and input folders, by input name."""
 
+DATASET_CONTEXTS = {"train": "training", "postprocess": "validation", "evaluate": "testing"}
+"""How a stage type uses the dataset it reads, as MLflow's ``mlflow.data.context`` says it."""
+
 
 @dataclass
 class _Job:
@@ -45,6 +48,7 @@ class _Job:
 
     workflow: ResolvedWorkflow
     tracker: RedactingTracker
+    name: str
     parent: str
     memo: DigestMemo
     lease: Lease
@@ -171,7 +175,10 @@ class Runner:
         try:
             outcome = self._run_stages(job)
         except BaseException as exc:
-            job.tracker.set_tags(job.parent, {"medseg.error": _one_line(exc)})
+            what = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+            job.tracker.set_tags(
+                job.parent, {"medseg.error": _one_line(exc), "mlflow.runName": f"{job.name} · {what}"}
+            )
             job.tracker.end_run(job.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         else:
@@ -196,9 +203,10 @@ class Runner:
             redactor.add_input(name, path)
         redacting = RedactingTracker(tracker, redactor)
         repeat = {} if workflow.run_seed is None else {"medseg.seed": str(workflow.run_seed)}
+        name = workflow.name if workflow.run_seed is None else f"seed {workflow.run_seed}"
         parent = redacting.start_run(
             experiment=workflow.experiment,
-            name=workflow.name if workflow.run_seed is None else f"seed {workflow.run_seed}",
+            name=f"{name} · running",
             parent_run_id=parent_run_id,
             tags={
                 "medseg.workflow": workflow.name,
@@ -212,13 +220,14 @@ class Runner:
         resumable = reclaim(leases, redacting, parent, store)
         lease = open_lease(leases, parent, store)
         memo = DigestMemo(self.workspace.digest_memo)
-        return _Job(workflow, redacting, parent, memo, lease, resumable, notify, progress)
+        return _Job(workflow, redacting, name, parent, memo, lease, resumable, notify, progress)
 
     def _run_stages(self, job: _Job) -> RunOutcome:
         """Run or reuse each stage in order; rank 0 tells the other ranks how each ended."""
         self._log_parent(job)
         outcome = RunOutcome(workflow=job.workflow.name, parent_run_id=job.parent)
         produced: Produced = {}
+        datasets: dict[str, DatasetInfo] = {}
         for stage in job.workflow.stages:
             resolved = self.resolve_inputs(stage, job.workflow, job.memo, produced)
             if resolved is None:
@@ -232,6 +241,7 @@ class Runner:
             self.collective.agree(True)
             produced[stage.name] = result
             outcome.stages.append(result)
+            self._log_datasets(job, stage, result, datasets)
         job.tracker.log_metrics(job.parent, outcome.metrics)
         executed = outcome.executed
         job.tracker.set_tags(
@@ -239,9 +249,39 @@ class Runner:
             {
                 "medseg.stages_executed": ",".join(executed) or "none",
                 "medseg.cache_hits": str(len(outcome.stages) - len(executed)),
+                "mlflow.runName": f"{job.name} · {_what_ran(outcome)}",
             },
         )
         return outcome
+
+    def _log_datasets(
+        self, job: _Job, stage: ResolvedStage, result: StageOutcome, datasets: dict[str, DatasetInfo]
+    ) -> None:
+        """Record datasets as MLflow dataset inputs of the parent run and of the runs that read them.
+
+        The parent run gets each dataset a stage writes; train, postprocess and evaluate runs
+        the dataset they read (context ``training``, ``validation``, ``testing``).
+
+        ``datasets`` collects the dataset outputs seen so far (``"<stage>.<output>"`` → info).
+        The digest is the output's content digest; the profile is the writing stage's metrics
+        (case counts per split); nothing names a source path.
+        """
+        context = DATASET_CONTEXTS.get(stage.spec.name)
+        for source in stage.inputs.values():
+            if source in datasets and context is not None:
+                job.tracker.log_dataset(result.run_id, datasets[source], context)
+        for output, kind in stage.spec.outputs.items():
+            manifest = self.cache.manifest(result.key) if kind is Kind.DATASET else None
+            if manifest is None:
+                continue
+            info = DatasetInfo(
+                name=f"{job.workflow.name}/{stage.name}.{output}",
+                digest=manifest.output_digests[output][:32],
+                source=json.dumps({"stage": stage.name, "cache_key": result.key[:12]}),
+                profile={name.split("/", 1)[-1]: value for name, value in result.metrics.items()},
+            )
+            datasets[f"{stage.name}.{output}"] = info
+            job.tracker.log_dataset(job.parent, info, "input")
 
     def _log_parent(self, job: _Job) -> None:
         workflow, tracker = job.workflow, job.tracker
@@ -352,6 +392,15 @@ class Runner:
             self.cache.commit(staged, manifest)
         shutil.rmtree(scratch, ignore_errors=True)
         return manifest
+
+
+def _what_ran(outcome: RunOutcome) -> str:
+    """What a run did, for its name: ``all cached``, ``ran train, evaluate (2 cached)``."""
+    executed = outcome.executed
+    cached = len(outcome.stages) - len(executed)
+    if not executed:
+        return "all cached"
+    return f"ran {', '.join(executed)}" + (f" ({cached} cached)" if cached else "")
 
 
 def _stage_tags(stage: ResolvedStage, key: str) -> dict[str, str]:

@@ -14,14 +14,16 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 from pydantic import Field
 
-from medseg.nets.ensemble import FoldEnsemble
 from medseg.params import Params
 from medseg.runner.contract import Kind, Stage, StageContext, ports
+
+if TYPE_CHECKING:
+    from medseg.nets.ensemble import FoldEnsemble
 
 
 class PostprocessParams(Params):
@@ -109,7 +111,7 @@ class Postprocess(Stage[PostprocessParams]):
             image, label = load_case(folder, record)
             markers = load_markers(folder, record)
             member = (
-                net if assignment is None else cast(FoldEnsemble, net).members[assignment[record.case_id]]
+                net if assignment is None else cast("FoldEnsemble", net).members[assignment[record.case_id]]
             )
             logits = predict_logits(
                 member,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from medseg.io.dataset import CaseRecord, DatasetIndex, load_case, load_ignore, read_index
 from medseg.runner.contract import Kind, Stage, StageContext, ports
@@ -279,6 +278,8 @@ def _train_fold(
     Each fold keeps its checkpoint and, once done, its result in ``scratch/fold_<i>/``, so a
     crash in fold 3 retrains fold 3 only. Fold metrics are logged as ``fold_<i>/train/loss`` ...
     """
+    import torch
+
     from medseg.collective import broadcast_flag, current
     from medseg.training.checkpoint import CHECKPOINT_FILE
     from medseg.training.loop import TrainResult, train_segmentation

@@ -26,6 +26,24 @@ class ModelInfo:
     registered_version: str | None = None
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset as a run's input: what the MLflow UI's Dataset column and lineage show.
+
+    Attributes:
+        name: a display name (the workflow and the stage output, never a source path).
+        digest: a content digest of the dataset artifact (hex).
+        source: where it lives, without paths (the cache key of the stage that wrote it).
+        profile: counts a reviewer reads (cases per split, dimensionality, labels).
+
+    """
+
+    name: str
+    digest: str
+    source: str
+    profile: Mapping[str, object]
+
+
 class Tracker(Protocol):
     """Records runs, params, metrics, tags, artifacts and models."""
 
@@ -58,6 +76,10 @@ class Tracker(Protocol):
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Upload ``text`` as the artifact ``artifact_file``."""
+        ...
+
+    def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
+        """Record ``dataset`` as an input of the run; ``context`` says its use (``training``...)."""
         ...
 
     def log_model(
@@ -115,6 +137,9 @@ class NullTracker:
         """Record nothing."""
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Record nothing."""
+
+    def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
         """Record nothing."""
 
     def log_model(

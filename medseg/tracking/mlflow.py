@@ -19,7 +19,7 @@ import numpy as np
 
 from medseg.errors import TrackingError
 from medseg.tracking import flavor
-from medseg.tracking.base import ModelInfo, RunStatus
+from medseg.tracking.base import DatasetInfo, ModelInfo, RunStatus
 
 if TYPE_CHECKING:
     from medseg.inference.card import ModelCard
@@ -29,6 +29,27 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _MAX_PARAM_LENGTH = 6000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""A model-training experiment (MLflow 3's UIs otherwise open a new experiment on the GenAI overview)."""
+REVIEW_VIEW = "medseg"
+"""The runs-table view medseg stores in each experiment (``mlflow.sharedViewState.<this>``)."""
+REVIEW_COLUMNS = (
+    "attributes.`Dataset`",
+    "attributes.`Models`",
+    *(f"metrics.`eval/{name}`" for name in ("seg", "det", "op_csb", "dice", "objects_per_case")),
+)
+"""Columns of that view: the dataset, the model, and the scores a reviewer compares."""
+
+
+def review_fragment(experiment_id: str) -> str:
+    """The MLflow UI address (after the server URL) of the experiment's runs table in medseg's view.
+
+    ``workflowType=machine_learning`` opens the training runs: MLflow 3.17's UI otherwise
+    starts on the GenAI overview whatever the experiment's kind; ``viewStateShareKey`` shows
+    the ``eval/*`` columns.
+    """
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={REVIEW_VIEW}"
 
 
 def redact_uri(uri: str) -> str:
@@ -84,12 +105,22 @@ class MlflowTracker:
             experiment = self._client.get_experiment_by_name(name)
             if experiment is not None:
                 self._experiments[name] = experiment.experiment_id
+                tags = dict(experiment.tags)
             else:
                 location = None
                 if self._artifact_root is not None:
                     location = (self._artifact_root / _safe_folder(name)).resolve().as_uri()
                 self._experiments[name] = self._client.create_experiment(name, artifact_location=location)
+                tags = {}
+            experiment_id = self._experiments[name]
+            for key, value in _experiment_tags(experiment_id).items():
+                if key not in tags:  # a reviewer's own description or view is kept
+                    self._client.set_experiment_tag(experiment_id, key, value)
         return self._experiments[name]
+
+    def review_link(self, experiment: str) -> str:
+        """The UI address fragment of ``experiment``'s runs table in medseg's view (``review_fragment``)."""
+        return review_fragment(self.experiment_id(experiment))
 
     @_wrap_errors
     def start_run(
@@ -149,6 +180,21 @@ class MlflowTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Upload ``text`` as ``artifact_file``."""
         self._client.log_text(run_id, text, artifact_file)
+
+    @_wrap_errors
+    def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
+        """Log ``dataset`` as a dataset input (``mlflow.data.context`` = ``context``)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(
+            name=dataset.name,
+            digest=dataset.digest,
+            source_type="medseg",
+            source=dataset.source,
+            profile=json.dumps(dict(dataset.profile)),
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self._client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
 
     @_wrap_errors
     def log_model(
@@ -289,6 +335,20 @@ def _card_tags(card: ModelCard) -> dict[str, str]:
         "medseg.spacing_mm": json.dumps(list(card.spacing)),
         "medseg.training_data_digest": card.training.dataset_digest,
         "medseg.version": card.medseg_version or "",
+    }
+
+
+def _experiment_tags(experiment_id: str) -> dict[str, str]:
+    """Tags that make an experiment open, for a reviewer, as the model-training runs it holds."""
+    view = {"selectedColumns": list(REVIEW_COLUMNS)}
+    return {
+        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+        f"mlflow.sharedViewState.{REVIEW_VIEW}": json.dumps(view),
+        "mlflow.note.content": (
+            "medseg segmentation training runs: one parent run per `medseg run` (named after what ran), "
+            "one child per stage. [Open the runs table with the eval scores]"
+            f"({review_fragment(experiment_id)}); select runs → Compare to set `eval/*` side by side."
+        ),
     }
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.tracking.base import ModelInfo, RunStatus, Tracker
+from medseg.tracking.base import DatasetInfo, ModelInfo, RunStatus, Tracker
 
 _KEEP = frozenset(
     name.lower()
@@ -222,6 +222,18 @@ class RedactingTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Upload redacted text."""
         self.inner.log_text(run_id, self.redactor.text(text), self.redactor.text(artifact_file))
+
+    def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
+        """Record a dataset input with redacted name, source and profile values."""
+        redacted = DatasetInfo(
+            name=self.redactor.text(dataset.name),
+            digest=dataset.digest,
+            source=self.redactor.text(dataset.source),
+            profile={
+                self.redactor.text(key): self.redactor.value(value) for key, value in dataset.profile.items()
+            },
+        )
+        self.inner.log_dataset(run_id, redacted, self.redactor.text(context))
 
     def log_model(
         self,

@@ -11,6 +11,7 @@ tracking sync``) sends once the server is back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import TrackingError
-from medseg.tracking.base import ModelInfo, RunStatus, Tracker
+from medseg.tracking.base import DatasetInfo, ModelInfo, RunStatus, Tracker
 
 JOURNAL_FILE = "journal.jsonl"
 URI_FILE = "tracking_uri.txt"
@@ -91,6 +92,10 @@ class ResilientTracker:
         """Upload text (journalled if the server is away)."""
         self._call("log_text", run_id, text=text, artifact_file=artifact_file)
 
+    def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
+        """Record a dataset input (journalled if the server is away)."""
+        self._call("log_dataset", run_id, dataset=dataset, context=context)
+
     def log_model(
         self,
         run_id: str,
@@ -137,6 +142,20 @@ class ResilientTracker:
                 "(stage outputs are cached, nothing is recomputed)"
             )
 
+    def review_link(self, experiment: str) -> str | None:
+        """The UI address fragment of ``experiment``'s runs table, when the inner tracker knows it."""
+        link = getattr(self.inner, "review_link", None)
+        try:
+            return str(link(experiment)) if callable(link) else None
+        except TrackingError:
+            return None
+
+    def close(self) -> None:
+        """Release the inner tracker's connection, if it holds one (the tracking daemon's)."""
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
+
     def _call(self, method: str, run_id: str, **kwargs: Any) -> None:
         if self._pending:
             self._replay()
@@ -161,6 +180,8 @@ class ResilientTracker:
                 copy.parent.mkdir(parents=True)
                 shutil.copy2(source, copy)
             kwargs = {**kwargs, "path": str(copy)}
+        if method == "log_dataset":
+            kwargs = {**kwargs, "dataset": dataclasses.asdict(kwargs["dataset"])}
         with (self.journal_dir / JOURNAL_FILE).open("a") as journal:
             journal.write(json.dumps({"method": method, "run_id": run_id, "kwargs": kwargs}) + "\n")
         self._pending += 1
@@ -190,6 +211,8 @@ def replay_journal(journal_dir: Path, tracker: Tracker) -> int:
         kwargs = dict(entry["kwargs"])
         if entry["method"] == "log_artifact":
             kwargs["path"] = Path(kwargs["path"])
+        if entry["method"] == "log_dataset":
+            kwargs["dataset"] = DatasetInfo(**kwargs["dataset"])
         try:
             getattr(tracker, entry["method"])(entry["run_id"], **kwargs)
         except TrackingError:

@@ -22,6 +22,7 @@ from medseg.errors import DataError, StageError
 from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
 from medseg.nets.unet import build_net
+from medseg.threads import loader_threads
 from medseg.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from medseg.training.losses import LossFunction, build_loss
 from medseg.training.optim import build_optimizer
@@ -408,7 +409,12 @@ def _run_epoch(session: _Session, dataset: Any, seed: int, epoch: int) -> dict[s
     rank, world = session.collective.rank, session.collective.world_size
     seed_now = epoch_seed(seed, epoch)
     seed_everything(seed_now + rank)
-    losses = _train_epoch(session, _loader(dataset, session.params, seed_now, rank, world), epoch)
+    threads = torch.get_num_threads()  # loader worker processes take cores of their own
+    torch.set_num_threads(loader_threads(threads, session.params.num_workers))
+    try:
+        losses = _train_epoch(session, _loader(dataset, session.params, seed_now, rank, world), epoch)
+    finally:
+        torch.set_num_threads(threads)
     session.scheduler.step()
     return {
         "train/loss": mean_over_ranks(float(np.mean(losses)) if losses else math.nan, world),

@@ -31,7 +31,7 @@ def browser():
     for flag in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1600,1000",
+        "--window-size=2600,1000",  # wide enough for the eval columns beside the assistant panel
     ):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
@@ -66,8 +66,22 @@ def test_ui_shows_experiment_stage_runs_and_eval_metrics(tmp_path, browser):
 
         experiment = MlflowClient(url).get_experiment_by_name("ui-review").experiment_id
 
-        browser.get(f"{url}/#/experiments/{experiment}/runs")
-        _page_text(browser, "ui-review", "ui-study", "matching runs")
+        # The link medseg prints opens the training-runs table (not the GenAI overview) with the
+        # run named after what ran, its dataset input and the eval columns.
+        assert result.review_link.startswith(f"#/experiments/{experiment}/runs?")
+        browser.get(f"{url}/{result.review_link}")
+        text = _page_text(
+            browser,
+            "ui-study · ran ingest, train, postprocess, evaluate, export",
+            "ui-study/ingest.dataset",
+            "eval/seg",
+            "eval/det",
+            "matching runs",
+        )
+        assert "Token Usage" not in text
+        browser.save_screenshot(str(tmp_path / "experiment.png"))
+        tags = MlflowClient(url).get_experiment(experiment).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
         browser.find_element("css selector", "[data-component-id*='runnamecellrenderer']").click()  # expand
         _page_text(browser, "ingest", "train", "evaluate", "export")
         browser.save_screenshot(str(tmp_path / "runs.png"))

@@ -182,7 +182,7 @@ def test_a_matching_series_is_segmented_on_arrival_and_others_are_left_alone(aut
 
     client = MlflowClient(f"sqlite:///{autoseg.root / 'ws' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("autoseg").experiment_id])
-    parent = next(run for run in runs if run.info.run_name == f"autoseg-ct-body-{job}")
+    parent = next(run for run in runs if run.info.run_name.startswith(f"autoseg-ct-body-{job} · ran "))
     assert parent.info.status == "FINISHED"
     assert {run.data.tags.get("medseg.stage") for run in runs} >= {"fetch", "predict", "write", "store"}
     database = (autoseg.root / "ws" / "mlflow.db").read_bytes()
@@ -242,7 +242,7 @@ def test_a_failing_series_is_retried_reported_and_does_not_block_others(autoseg,
 
     client = MlflowClient(f"sqlite:///{autoseg.root / 'ws' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("autoseg").experiment_id])
-    statuses = [run.info.status for run in runs if run.info.run_name == f"autoseg-broken-{bad}"]
+    statuses = [run.info.status for run in runs if run.info.run_name == f"autoseg-broken-{bad} · failed"]
     assert statuses == ["FAILED", "FAILED"]
 
     listed = run_cli("orthanc", "jobs", str(autoseg.config))

@@ -50,13 +50,19 @@ def test_seeds_run_once_each_share_the_split_and_report_the_spread(tmp_path, pha
     client = MlflowClient(result.tracking_uri)
     experiment = client.get_experiment_by_name("seeded")
     parent = client.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "seeded (3 seeds)"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == (
+        "seeded (3 seeds) · ran ingest, train, postprocess, evaluate, export"
+    )
     assert parent.data.metrics["eval/seg_sd"] == pytest.approx(values.std(ddof=1))
     assert parent.data.params["seeds"] == "[0, 1, 2]"
     repeats = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(run.info.run_name for run in repeats) == ["seed 0", "seed 1", "seed 2"]
+    assert sorted(run.info.run_name for run in repeats) == [
+        "seed 0 · ran ingest, train, postprocess, evaluate, export",
+        "seed 1 · ran train, postprocess, evaluate, export (1 cached)",
+        "seed 2 · ran train, postprocess, evaluate, export (1 cached)",
+    ]
     for run in repeats:
         stages = child_runs(client, experiment.experiment_id, run.info.run_id)
         assert set(stages) == {"ingest", "train", "postprocess", "evaluate", "export"}
@@ -65,6 +71,7 @@ def test_seeds_run_once_each_share_the_split_and_report_the_spread(tmp_path, pha
     # A rerun is all cache hits with the same spread; status lists each seed's stages.
     again = medseg.run_workflow(workflow, workspace=tmp_path / "ws")
     assert again.executed == [] and again.metrics == result.metrics
+    assert client.get_run(again.parent_run_id).info.run_name == "seeded (3 seeds) · all cached"
     assert calls["train"] == 3
     status = {stage.name: stage.state for stage in workflow_status(workflow, workspace=tmp_path / "ws")}
     assert status["ingest"] == "cached" and status["train (seed 1)"] == "cached" and len(status) == 13
