@@ -74,7 +74,7 @@ def _main(
     _state["debug"] = debug
     settings = thread_environment(compute_threads(threads, os.environ))
     os.environ.update({key: value for key, value in settings.items() if key.endswith("_NUM_THREADS")})
-    os.environ.setdefault("OMP_WAIT_POLICY", settings["OMP_WAIT_POLICY"])
+    os.environ.setdefault("GOMP_SPINCOUNT", settings["GOMP_SPINCOUNT"])
 
 
 @contextmanager

@@ -56,7 +56,7 @@ class Export(Stage[ExportParams]):
     """The ``export`` stage (see ``execute``)."""
 
     name = "export"
-    version = 6
+    version = 7
     params = ExportParams
     inputs = ports(model=Kind.MODEL, dataset=Kind.DATASET, report=Kind.REPORT)
     outputs = ports(export=Kind.EXPORT)
@@ -72,7 +72,6 @@ class Export(Stage[ExportParams]):
         """Write weights, TorchScript, ONNX and the model card; log (and register) the MLflow model."""
         import shutil
 
-        import numpy as np
         import torch
 
         from medseg._version import __version__
@@ -80,7 +79,6 @@ class Export(Stage[ExportParams]):
         from medseg.export.torchscript import export_torchscript, max_abs_difference
         from medseg.inference.card import SegmentRecord
         from medseg.inference.model import load_model
-        from medseg.inference.predict import predict_logits
         from medseg.io.dataset import load_case, read_index
         from medseg.runner.cache import library_versions
 
@@ -130,27 +128,7 @@ class Export(Stage[ExportParams]):
         context.log_artifact(target / "model_card.json")
         metrics = {"export/torchscript_max_abs_diff": parity, "export/onnx_max_abs_diff": onnx_difference}
         if params.mlflow_model:
-            logits = predict_logits(
-                module,
-                example[0].numpy(),
-                roi_size=roi,
-                overlap=settings.overlap,
-                device=torch.device("cpu"),
-            )
-            output_example = logits.argmax(dim=0).numpy().astype(np.int64)[None]
-            versions = library_versions()
-            info = context.log_model(
-                target,
-                input_example=example.numpy(),
-                output_example=output_example,
-                registered_name=params.register_as,
-                aliases=params.aliases,
-                pip_requirements=[
-                    f"torch=={versions['torch']}",
-                    f"monai=={versions['monai']}",
-                    "numpy",
-                ],
-            )
+            info = context.log_model(target, registered_name=params.register_as, aliases=params.aliases)
             (target / "mlflow_model.json").write_text(
                 json.dumps({"registered_name": info.registered_name, "version": info.registered_version})
             )

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-import numpy as np
-
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 
@@ -87,13 +85,11 @@ class Tracker(Protocol):
         run_id: str,
         model_dir: Path,
         *,
-        input_example: np.ndarray,
-        output_example: np.ndarray,
         registered_name: str | None = None,
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
     ) -> ModelInfo:
-        """Log an exported model folder as a model with signature and input example.
+        """Log an exported model folder as a model (the whole segmenter, signature from its card).
 
         With ``registered_name`` the model is registered as a new version of that model,
         described by its card and given ``aliases``.
@@ -147,14 +143,12 @@ class NullTracker:
         run_id: str,
         model_dir: Path,
         *,
-        input_example: np.ndarray,
-        output_example: np.ndarray,
         registered_name: str | None = None,
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
     ) -> ModelInfo:
         """Return the local folder as the model's URI."""
-        del run_id, input_example, output_example, registered_name, aliases, pip_requirements
+        del run_id, registered_name, aliases, pip_requirements
         return ModelInfo(uri=model_dir.as_uri())
 
     def resume_run(self, run_id: str, *, parent_run_id: str) -> None:

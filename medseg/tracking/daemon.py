@@ -19,11 +19,9 @@ Safety:
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import socket
@@ -36,8 +34,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from medseg._version import __version__
 from medseg.errors import TrackingError
@@ -82,11 +78,7 @@ def _identity(path: Path) -> list[int] | None:
 
 
 def _encode(value: Any) -> Any:
-    """A call argument as JSON: paths as text, arrays as ``.npy`` bytes, dataclasses as dicts."""
-    if isinstance(value, np.ndarray):
-        buffer = io.BytesIO()
-        np.save(buffer, value, allow_pickle=False)
-        return {"__ndarray__": base64.b64encode(buffer.getvalue()).decode()}
+    """A call argument as JSON: paths and dataset records tagged, mappings and sequences walked."""
     if isinstance(value, DatasetInfo):
         return {"__dataset__": {**dataclasses.asdict(value), "profile": dict(value.profile)}}
     if isinstance(value, Path):
@@ -100,8 +92,6 @@ def _encode(value: Any) -> Any:
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict):
-        if "__ndarray__" in value:
-            return np.load(io.BytesIO(base64.b64decode(value["__ndarray__"])), allow_pickle=False)
         if "__dataset__" in value:
             return DatasetInfo(**value["__dataset__"])
         if "__path__" in value:
@@ -225,8 +215,6 @@ class DaemonTracker:
         run_id: str,
         model_dir: Path,
         *,
-        input_example: np.ndarray,
-        output_example: np.ndarray,
         registered_name: str | None = None,
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
@@ -236,8 +224,6 @@ class DaemonTracker:
             "log_model",
             run_id,
             model_dir.resolve(),
-            input_example=input_example,
-            output_example=output_example,
             registered_name=registered_name,
             aliases=list(aliases),
             pip_requirements=pip_requirements,

@@ -2,8 +2,9 @@
 
 A logged model has two flavors side by side in its ``MLmodel`` file:
 
-- ``python_function``: the model from code (``mlflow_pyfunc.py``) that ``mlflow.pyfunc`` and
-  ``mlflow models serve`` load where medseg is not installed;
+- ``python_function``: the whole ``Segmenter`` as a model from code (``mlflow_pyfunc.py``, the
+  medseg package shipped as its code) that ``mlflow.pyfunc`` and ``mlflow models serve`` load
+  where medseg is not installed: images of any size in, instance labels out;
 - ``medseg``: the medseg version, the folder of the export files (``artifacts``) and the whole
   model card, so ``load_card`` reads the card from the registry by fetching ``MLmodel`` alone
   (no weights), and ``load_model`` rebuilds the ``Segmenter`` (weights loaded weights-only).
@@ -31,9 +32,47 @@ if TYPE_CHECKING:
 
 FLAVOR_NAME = "medseg"
 PYFUNC_SOURCE = Path(__file__).with_name("mlflow_pyfunc.py")
+MEDSEG_PACKAGE = Path(__file__).resolve().parents[1]
+"""The medseg package, shipped inside each model as its code (``code/medseg``)."""
 EXPORT_FILES = {"torchscript": "model.ts", "weights": "weights.pt", "card": "model_card.json"}
 """The export files the model carries (pyfunc artifact name → file); pyfunc copies them to ``artifacts/``."""
 _EXPORT_FOLDER = "artifacts"
+
+
+def segmenter_signature(card: ModelCard) -> ModelSignature:
+    """The pyfunc's signature: images of any size in, instance labels out, a ``spacing`` param.
+
+    Input ``(-1, C, -1, ...)`` float32, output ``(-1, -1, ...)`` int32; ``spacing`` (mm, array
+    axis order) defaults to the card's training spacing, else 1 mm.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    free = (-1,) * card.spatial_dims
+    spacing = [float(value) for value in card.spacing] or [1.0] * card.spatial_dims
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, card.in_channels, *free))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int32), (-1, *free))]),
+        params=ParamSchema([ParamSpec("spacing", "double", spacing, (-1,))]),
+    )
+
+
+def segmenter_requirements() -> list[str]:
+    """Pip requirements of the pyfunc: medseg's own dependencies, pinned to the installed versions."""
+    import re
+    from importlib import metadata
+
+    pinned = []
+    for requirement in metadata.requires("medseg") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(requirement.split(";")[0].strip())
+    return pinned
 
 
 def save_model(
@@ -46,6 +85,10 @@ def save_model(
     pip_requirements: list[str] | None = None,
 ) -> None:
     """Write the export folder ``export_dir`` as an MLflow model at ``path`` (medseg + pyfunc flavors).
+
+    The pyfunc is the whole ``Segmenter`` (``mlflow_pyfunc.py``, with the medseg package as its
+    code); ``signature`` defaults to ``segmenter_signature`` of the card, ``pip_requirements``
+    to ``segmenter_requirements``.
 
     Raises:
         DataError: ``export_dir`` lacks an export file (``model.ts``, ``weights.pt``, ``model_card.json``).
@@ -67,9 +110,10 @@ def save_model(
         path,
         python_model=str(PYFUNC_SOURCE),
         artifacts={name: str(export_dir / file) for name, file in EXPORT_FILES.items()},
-        signature=signature,
+        code_paths=[str(MEDSEG_PACKAGE)],
+        signature=signature if signature is not None else segmenter_signature(card),
         input_example=input_example,
-        pip_requirements=pip_requirements,
+        pip_requirements=pip_requirements if pip_requirements is not None else segmenter_requirements(),
         mlflow_model=mlflow_model,
     )
     mlflow_model.add_flavor(

@@ -202,8 +202,6 @@ class MlflowTracker:
         run_id: str,
         model_dir: Path,
         *,
-        input_example: np.ndarray,
-        output_example: np.ndarray,
         registered_name: str | None = None,
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
@@ -212,17 +210,15 @@ class MlflowTracker:
 
         The model has the ``medseg`` flavor (``tracking/flavor.py``: loads back as a
         ``Segmenter``, card readable without weights) beside a pyfunc defined from code
-        (``mlflow_pyfunc.py``), not pickled; its artifacts are the export's ``model.ts``,
-        ``weights.pt`` and ``model_card.json``. A registered
+        (``mlflow_pyfunc.py``: the whole ``Segmenter``, any image size, signature from the
+        card), not pickled; its artifacts are the export's ``model.ts``, ``weights.pt`` and
+        ``model_card.json``; ``pip_requirements`` default to medseg's pinned dependencies. A registered
         version gets the card's summary as its description, ``medseg.*`` tags (task, labels,
         spacing, metrics) and the ``aliases`` (moved from any older version).
         """
-        from mlflow.models import infer_signature
-
         from medseg.inference.card import ModelCard
 
         mlflow = self._mlflow
-        signature = infer_signature(input_example, output_example)
         card = ModelCard.read(model_dir / "model_card.json")
         # Logged by run id: the caller's active run or experiment (mlflow.set_experiment) is
         # neither used nor changed.
@@ -232,8 +228,6 @@ class MlflowTracker:
                 "model",
                 run_id=run_id,
                 registered_model_name=registered_name,
-                signature=signature,
-                input_example=input_example,
                 pip_requirements=pip_requirements,
             )
         version = info.registered_model_version

@@ -1,15 +1,18 @@
-"""MLflow "model from code" for an exported medseg model (loaded by ``mlflow.pyfunc``).
+"""MLflow "model from code" of an exported medseg model: the whole ``Segmenter`` for ``mlflow.pyfunc``.
 
-MLflow executes this file when loading the model; the model is not pickled. It runs where only
-the model's pip requirements (torch, MONAI, numpy) are installed, not medseg, so it reads the
-card's ``inference`` section as JSON rather than through ``ModelCard``. Input:
-``(N, C, *spatial)`` float32 images, already normalised as the model card says. Output:
-``(N, *spatial)`` int64 class labels.
+MLflow executes this file when loading the model; nothing is pickled. The model carries the
+medseg package itself (``code_paths``), so ``mlflow.pyfunc.load_model`` and ``mlflow models
+serve`` run exactly what ``Segmenter.predict`` runs — the card's preprocessing, sliding windows
+(and the fold ensemble), post-processing, instance labelling, and the mapping back onto the input
+grid — where only the model's pip requirements are installed.
+
+Input: ``(N, C, *spatial)`` float32 images as acquired (not normalised), any spatial size.
+Param ``spacing``: voxel spacing in mm, array axis order (default: the card's training spacing).
+Output: ``(N, *spatial)`` int32 instance labels (0 = background), one image per input image.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +21,29 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
-class TorchScriptSegmenter(PythonModel):
-    """Sliding-window inference of the exported TorchScript network."""
+class SegmenterModel(PythonModel):
+    """``Segmenter.predict`` over a batch of images."""
 
     def load_context(self, context: Any) -> None:
-        """Load the TorchScript module and the model card."""
-        import torch
+        """Load the export folder (weights loaded weights-only, as the card says)."""
+        from medseg.inference.segmenter import Segmenter
 
-        self._module = torch.jit.load(context.artifacts["torchscript"], map_location="cpu").eval()
-        self._card = json.loads(Path(context.artifacts["card"]).read_text())
+        self._segmenter = Segmenter.from_export(Path(context.artifacts["card"]).parent)
 
-    def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
-        """Return class labels ``(N, *spatial)`` for images ``(N, C, *spatial)``."""
-        del context, params
-        import torch
-        from monai.inferers import sliding_window_inference
-
-        images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        with torch.inference_mode():
-            logits = sliding_window_inference(
-                images,
-                roi_size=tuple(self._card["inference"]["roi_size"]),
-                sw_batch_size=4,
-                predictor=self._module,
-                overlap=float(self._card["inference"]["overlap"]),
-                mode="gaussian",
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        """Return instance labels ``(N, *spatial)`` for images ``(N, C, *spatial)``."""
+        del context
+        spacing = (params or {}).get("spacing")
+        images = np.asarray(model_input, dtype=np.float32)
+        labels = [
+            self._segmenter.predict(
+                image, spacing=tuple(float(value) for value in spacing) if spacing else None
             )
-        return logits.argmax(dim=1).numpy().astype(np.int64)
+            for image in images
+        ]
+        return np.stack([label.array[0] for label in labels]).astype(np.int32)
 
 
-mlflow.models.set_model(TorchScriptSegmenter())
+mlflow.models.set_model(SegmenterModel())

@@ -26,8 +26,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from medseg.tracking.base import DatasetInfo, ModelInfo, RunStatus, Tracker
 
 _KEEP = frozenset(
@@ -240,8 +238,6 @@ class RedactingTracker:
         run_id: str,
         model_dir: Path,
         *,
-        input_example: np.ndarray,
-        output_example: np.ndarray,
         registered_name: str | None = None,
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
@@ -251,8 +247,6 @@ class RedactingTracker:
             return self.inner.log_model(
                 run_id,
                 upload,
-                input_example=input_example,
-                output_example=output_example,
                 registered_name=registered_name,
                 aliases=aliases,
                 pip_requirements=pip_requirements,

@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medseg.errors import TrackingError
 from medseg.tracking.base import DatasetInfo, ModelInfo, RunStatus, Tracker
 
@@ -101,8 +99,6 @@ class ResilientTracker:
         run_id: str,
         model_dir: Path,
         *,
-        input_example: np.ndarray,
-        output_example: np.ndarray,
         registered_name: str | None = None,
         aliases: Sequence[str] = (),
         pip_requirements: list[str] | None = None,
@@ -112,8 +108,6 @@ class ResilientTracker:
         return self.inner.log_model(
             run_id,
             model_dir,
-            input_example=input_example,
-            output_example=output_example,
             registered_name=registered_name,
             aliases=aliases,
             pip_requirements=pip_requirements,

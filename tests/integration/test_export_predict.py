@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import medseg
 from medseg.demo import write_phantom_ctc
 from medseg.io.readers import read_image
 from medseg.tracking.mlflow import MlflowTracker
-from tests.integration.helpers import FAST_TRAIN, run_cli, spy_on_stages, write_workflow
+from tests.integration.helpers import FAST_TRAIN, clean_env, run_cli, spy_on_stages, write_workflow
 
 pytestmark = pytest.mark.integration
 
@@ -138,11 +142,7 @@ def test_medseg_flavor_loads_a_segmenter_and_reads_the_card_without_weights(regi
     client = fluent.MlflowClient()
     target = client.create_run(client.get_experiment_by_name("registry").experiment_id).info.run_id
     with fluent.start_run(experiment_id=experiment):
-        tracker = MlflowTracker(result.tracking_uri)
-        example = np.zeros((1, 1, 64, 64), np.float32)
-        tracker.log_model(
-            target, export, input_example=example, output_example=example[:, 0].astype(np.int64)
-        )
+        MlflowTracker(result.tracking_uri).log_model(target, export)
     assert [
         model.source_run_id
         for model in client.search_logged_models([client.get_run(target).info.experiment_id])
@@ -150,9 +150,12 @@ def test_medseg_flavor_loads_a_segmenter_and_reads_the_card_without_weights(regi
     ] == [target]
     again = medseg.mlflow.load_model("models:/flavor-round-trip/1", tmp_path / "again")
     np.testing.assert_array_equal(again.predict(image).array, expected)
+    # MLflow's pyfunc is the whole segmenter: raw images of any size in, instance labels out.
     pyfunc = fluent.pyfunc.load_model("models:/flavor-round-trip/1")
-    network_input = np.zeros((1, 1, 64, 64), np.float32)
-    assert pyfunc.predict(network_input).shape == (1, 64, 64)
+    batch = np.stack([image.array, read_image(data / "01" / "t005.tif").array]).astype(np.float32)
+    labels = pyfunc.predict(batch, params={"spacing": [1.0, 1.0]})
+    assert labels.dtype == np.int32 and labels.shape == (2, *image.spatial_shape)
+    np.testing.assert_array_equal(labels[0], expected[0])
     with pytest.raises(medseg.DataError, match=r"not a medseg export folder, missing model\.ts, weights\.pt"):
         medseg.mlflow.log_model(tmp_path / "not-an-export")
 
@@ -297,3 +300,52 @@ def test_bad_models_and_inputs_are_refused_clearly(registered, tmp_path):
         segmenter.predict(empty)
     with pytest.raises(medseg.DataError, match="model registry"):
         medseg.Segmenter.load("models:/phantom-cells/1")
+
+
+def test_mlflow_models_serve_answers_like_segmenter_predict_on_a_larger_image(registered, tmp_path):
+    """``mlflow models serve`` on the registered model: a real HTTP request, a frame bigger than any patch."""
+    import urllib.request
+
+    from tests.integration.helpers import free_port, stop
+
+    _root, data, result = registered
+    frames = [read_image(data / "01" / f"t{frame:03d}.tif").array for frame in range(4)]
+    image = np.block([[frames[0], frames[1]], [frames[2], frames[3]]])[:, :, :100]  # (1, 128, 100)
+    expected = medseg.Segmenter.from_export(result.outputs["export"]["export"]).predict(image).array
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # mlflow starts uvicorn from PATH
+    env = {
+        **clean_env(),
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": result.tracking_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(bin_dir) / "mlflow"), "models", "serve",
+         "-m", "models:/phantom-cells@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        body = json.dumps({"inputs": image[None].astype(float).tolist(), "params": {"spacing": [1.0, 1.0]}})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"}
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    served = (tmp_path / "serve.log").read_text()[-2000:]
+                    pytest.fail(f"mlflow models serve did not answer: {served}")
+                time.sleep(1)
+    finally:
+        stop(server)
+        log.close()
+    labels = np.asarray(answer["predictions"])
+    assert labels.shape == (1, 128, 100)
+    np.testing.assert_array_equal(labels[0], expected[0])

@@ -49,6 +49,6 @@ def test_threads_option_then_omp_num_threads_then_allowed_cpus(tmp_path):
         "OMP_NUM_THREADS": "2",
         "MKL_NUM_THREADS": "2",
         "OPENBLAS_NUM_THREADS": "2",
-        "OMP_WAIT_POLICY": "PASSIVE",
+        "GOMP_SPINCOUNT": "10000",
     }
     assert loader_threads(4, 2) == 2 and loader_threads(2, 4) == 1 and loader_threads(2, 0) == 2
