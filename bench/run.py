@@ -27,6 +27,7 @@ BENCHMARKS = {
     "train": bench_train.run,
     "targets": bench_targets.run,
     "pipeline": bench_pipeline.run,
+    "concurrency": bench_pipeline.concurrency,
     "seg": bench_seg.run,
     "dicom": bench_dicom.run,
     "inference": bench_inference.run,

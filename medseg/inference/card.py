@@ -92,6 +92,8 @@ class ModelCard(_Section):
         folds: how many cross-validation fold models the weights hold (1: a single model);
             more than 1: a ``FoldEnsemble`` averaging their probabilities.
         postprocessing: how the post-processing values were chosen (postprocess stage).
+        formats: the export's files and how to run each (``model.pt2``, ``model.onnx``,
+            ``model.ts`` — marked deprecated —, ``weights.pt``).
         name, intended_use, segments, input, output, evaluation, versions, medseg_version:
             written by the export stage.
 
@@ -115,6 +117,7 @@ class ModelCard(_Section):
     segments: tuple[SegmentRecord, ...] = ()
     input: str | None = None
     output: str | None = None
+    formats: dict[str, str] = {}
     evaluation: dict[str, Any] | None = None
     versions: dict[str, str | None] | None = None
     medseg_version: str | None = None

@@ -266,7 +266,8 @@ _METHODS = frozenset(
 
 def start_daemon(tracking_uri: str, store_file: Path, artifact_root: Path, idle_s: float) -> None:
     """Start the daemon for ``tracking_uri`` in the background (it exits at once if one is running)."""
-    if idle_s <= 0 or not _private(socket_path(tracking_uri).parent):
+    folder = socket_path(tracking_uri).parent
+    if idle_s <= 0 or not _private(folder):
         return
     command = [
         sys.executable,
@@ -288,6 +289,7 @@ def start_daemon(tracking_uri: str, store_file: Path, artifact_root: Path, idle_
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         close_fds=True,
+        cwd=folder,  # holds no user folder open
         env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_CONFIGURE_LOGGING": "false"},
     )
 

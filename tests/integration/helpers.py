@@ -26,8 +26,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_workflow(folder: Path, data: Path, *, name: str, params: dict, experiment: str) -> Path:
-    """Write a unet2d workflow binding ``data`` with ``params`` overrides; return its path."""
+def write_workflow(
+    folder: Path, data: Path, *, name: str, params: dict, experiment: str, torch_export: bool = False
+) -> Path:
+    """Write a unet2d workflow binding ``data`` with ``params`` overrides; return its path.
+
+    The export skips the ``torch.export`` program unless ``torch_export`` (2-4 s per export;
+    ``test_demo_workflow.py`` exports and checks it).
+    """
+    if not torch_export:
+        params = {**params, "export": {"torch_export": False, **params.get("export", {})}}
     path = folder / f"{name}.yaml"
     document = {
         "pipeline": "unet2d",

@@ -25,7 +25,7 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     calls = spy_on_stages(monkeypatch)
     workspace = root / "ws"
     params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
-    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e")
+    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e", torch_export=True)
 
     first = medseg.run_workflow(workflow, workspace=workspace)
     assert first.executed == ["ingest", "train", "postprocess", "evaluate", "export"]
@@ -44,6 +44,7 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
         name="phantom",
         params={**params, "train": {**FAST_TRAIN, "optim": {"lr": 0.01}}},
         experiment="e2e",
+        torch_export=True,
     )
     third = medseg.run_workflow(changed, workspace=workspace)
     assert third.executed == ["train", "postprocess", "evaluate", "export"] and third.cached == ["ingest"]
@@ -104,7 +105,7 @@ def run_phantom(study):
     """The phantom study with the fast train params (cached after its first run)."""
     root, data = study
     params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
-    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e")
+    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e", torch_export=True)
     return medseg.run_workflow(workflow, workspace=root / "ws"), data
 
 
@@ -137,7 +138,7 @@ def test_segmenter_applies_the_chosen_postprocessing_like_the_evaluate_stage(stu
         np.testing.assert_array_equal(labels.array[0], medseg.read_image(path, kind="label").array[0])
 
 
-def test_onnx_export_matches_pytorch_at_any_size(study):
+def test_onnx_and_torch_export_match_pytorch_at_any_size(study):
     import onnxruntime
     import torch
 
@@ -156,3 +157,13 @@ def test_onnx_export_matches_pytorch_at_any_size(study):
         expected = net(torch.as_tensor(batch)).numpy()
     assert logits.shape == expected.shape == (2, 3, 24, 32)
     assert np.abs(logits - expected).max() < 1e-4
+
+    # The torch.export program, loaded back, at the same unseen batch and size; the card lists it.
+    export = result.outputs["export"]["export"]
+    assert result.metrics["export/pt2_max_abs_diff"] < 1e-4
+    program = torch.export.load(str(export / "model.pt2")).module()
+    with torch.no_grad():
+        assert np.abs(program(torch.as_tensor(batch)).numpy() - expected).max() < 1e-4
+    formats = medseg.ModelCard.read(export / "model_card.json").formats
+    assert set(formats) == {"model.pt2", "model.onnx", "model.ts", "weights.pt"}
+    assert "deprecated" in formats["model.ts"]

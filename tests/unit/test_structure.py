@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "medseg"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_version", "errors", "params", "registry", "resources", "transport", "collective"),
+    ("_version", "errors", "params", "registry", "resources", "transport", "collective", "threads"),
     ("io",),
     ("metrics", "nets"),
     ("inference",),

@@ -1,0 +1,62 @@
+"""``torch.export`` export (an ``ExportedProgram``, ``model.pt2``) with dynamic batch and spatial sizes.
+
+TorchScript is deprecated from PyTorch 2.9 on; ``torch.export`` is its successor (and what
+MONAI is moving to). The program is loaded back with ``torch.export.load`` and run with
+``program.module()(image)``; its logits are checked against the eager network like the other
+formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from medseg.errors import StageError
+
+
+def export_program(
+    net: torch.nn.Module, example: torch.Tensor, divisors: Sequence[int], path: Path
+) -> torch.export.ExportedProgram:
+    """Export ``net`` (eval, CPU) from ``example`` ``(1, C, *spatial)``: any batch, sizes × ``divisors``.
+
+    The dynamic sizes are declared (batch 1…4096, each spatial axis ``divisor × k``), which
+    ``torch.export`` checks in a second rather than searching for them; the program is saved to
+    ``path`` and returned as loaded back.
+    """
+    from torch.export import Dim
+
+    dynamic = {0: Dim("batch", min=1, max=4096)}
+    for axis, divisor in enumerate(divisors, start=2):
+        dynamic[axis] = divisor * Dim(f"blocks_{axis - 2}", min=1, max=4096)
+    pair = torch.cat([example, example]).cpu()  # traced on a batch of 2: a size-1 axis would be fixed at 1
+    with torch.no_grad():
+        program = torch.export.export(net.cpu().eval(), (pair,), dynamic_shapes=(dynamic,))
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path))
+
+
+def program_parity(
+    net: torch.nn.Module,
+    program: torch.export.ExportedProgram,
+    inputs: Sequence[torch.Tensor],
+    *,
+    bound: float = 1e-3,
+) -> float:
+    """Largest absolute logit difference between the loaded program and ``net`` over ``inputs``.
+
+    Raises:
+        StageError: the difference exceeds ``bound`` (the exported graph is not the network).
+
+    """
+    module = program.module()
+    worst = 0.0
+    with torch.no_grad():
+        for batch in inputs:
+            worst = max(worst, float((module(batch) - net(batch)).abs().max()))
+    if worst > bound:
+        raise StageError(
+            f"torch.export program differs from PyTorch by {worst:.2e} (bound {bound:g}); report this model"
+        )
+    return worst
