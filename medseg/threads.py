@@ -62,8 +62,8 @@ def thread_environment(threads: int) -> dict[str, str]:
 
     ``GOMP_SPINCOUNT=10000``: an idle OpenMP thread spins about a hundredth of GNU OpenMP's
     default before it waits on the kernel, so two jobs on the same cores stop burning each
-    other's time (measured on the demo, 2 cores: two at once 1.8× one run's wall time, was
-    6.7×), while one job alone keeps its speed (``OMP_WAIT_POLICY=PASSIVE`` cost it 35 %).
+    other's time (measured on the demo, 2 cores: two at once 1.6× one run's wall time, was
+    5.5×), while one job alone keeps its speed (``OMP_WAIT_POLICY=PASSIVE`` cost it 35 %).
     """
     return {**dict.fromkeys(THREAD_VARIABLES, str(threads)), "GOMP_SPINCOUNT": "10000"}
 

@@ -144,3 +144,26 @@ def test_a_wrong_card_field_is_named(tmp_path):
     path.write_text(json.dumps({**VERSION_1_CARD, "inference": {"overlap": 0.25}}))
     with pytest.raises(DataError, match=r"model_card.json: inference.roi_size: .*re-export"):
         ModelCard.read(path)
+
+
+def test_windows_per_pass_do_not_change_the_logits():
+    from medseg.inference.predict import SW_BATCH_SIZE, predict_logits
+    from medseg.nets.unet import NetParams, build_net
+
+    torch.manual_seed(0)
+    net = build_net(
+        NetParams(channels=(4, 8), strides=(2,), num_res_units=0),
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+    ).eval()
+    image = np.random.default_rng(0).normal(size=(1, 40, 36, 20)).astype(np.float32)
+    logits = {
+        count: predict_logits(
+            net, image, roi_size=(16, 16, 8), overlap=0.25, device=torch.device("cpu"), sw_batch_size=count
+        )
+        for count in (SW_BATCH_SIZE, 4, 7)
+    }
+    assert SW_BATCH_SIZE == 2
+    torch.testing.assert_close(logits[SW_BATCH_SIZE], logits[4], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[7], logits[4], rtol=0, atol=1e-5)
