@@ -15,7 +15,9 @@ and ``tracking/mlflow.py`` are the only ones importing mlflow.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,16 +108,19 @@ def save_model(
         )
     card = ModelCard.read(export_dir / EXPORT_FILES["card"])
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
-    mlflow.pyfunc.save_model(
-        path,
-        python_model=str(PYFUNC_SOURCE),
-        artifacts={name: str(export_dir / file) for name, file in EXPORT_FILES.items()},
-        code_paths=[str(MEDSEG_PACKAGE)],
-        signature=signature if signature is not None else segmenter_signature(card),
-        input_example=input_example,
-        pip_requirements=pip_requirements if pip_requirements is not None else segmenter_requirements(),
-        mlflow_model=mlflow_model,
-    )
+    with tempfile.TemporaryDirectory() as staging:
+        code = Path(staging) / "medseg"  # the sources only: compiled files embed the install path
+        shutil.copytree(MEDSEG_PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=str(PYFUNC_SOURCE),
+            artifacts={name: str(export_dir / file) for name, file in EXPORT_FILES.items()},
+            code_paths=[str(code)],
+            signature=signature if signature is not None else segmenter_signature(card),
+            input_example=input_example,
+            pip_requirements=pip_requirements if pip_requirements is not None else segmenter_requirements(),
+            mlflow_model=mlflow_model,
+        )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         medseg_version=__version__,

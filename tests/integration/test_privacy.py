@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+import medseg
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume
 from tests.integration.helpers import run_cli
@@ -73,6 +74,15 @@ def test_phi_never_reaches_the_mlflow_store(tmp_path):
     ]
     assert len(store) > 10  # the database and the logged artifacts (reports, model, workflow)
     assert any(b"case_00" in path.read_bytes() for path in store)  # the scan reads what was logged
+    # The MLflow model carries medseg's own source as its code: byte-identical to the package
+    # (so nothing of the data can hide there) and without compiled files (they embed paths).
+    package = Path(medseg.__file__).parent
+    shipped = [path for path in store if "/artifacts/code/medseg/" in path.as_posix()]
+    assert shipped and all(path.suffix == ".py" for path in shipped)
+    for path in shipped:
+        source = package / path.as_posix().split("/artifacts/code/medseg/", 1)[1]
+        assert path.read_bytes() == source.read_bytes(), path
+    store = [path for path in store if path not in shipped]
     for path in store:
         content = path.read_bytes()
         found = [secret for secret in secrets if secret.encode() in content]
