@@ -66,25 +66,39 @@ def run(
             warm.append(_wall([*cli, "run", "demo.yaml"], root, warm_env))
             cold.append(_wall([*cli, "run", "demo.yaml"], root, cold_env))
             helps.append(_wall([*cli, "--help"], root))
-    rows = []  # the daemon exits by itself once its store file is gone with the folder
-    measured = (
-        ("rerun, 0 stages executed (tracking daemon warm)", warm, "same rerun, in-process tracking", cold),
-        ("medseg --help", helps, "python -c pass", bare),
-    )
-    targets = ("< 2 s wall", "< 0.5 s beyond interpreter start")
-    for (name, samples, baseline, base), target in zip(measured, targets, strict=True):
-        value, reference = statistics.median(samples), statistics.median(base)
-        rows.append(
-            {
-                "benchmark": name,
-                "medseg_s": round(value, 3),
-                "baseline": baseline,
-                "baseline_s": round(reference, 3),
-                "ratio": round(value / reference, 2),
-                "target": target,
-            }
-        )
-    return rows
+    # The daemon exits by itself once its store file is gone with the folder.
+    return [
+        _row(
+            "rerun, 0 stages executed (tracking daemon warm)",
+            statistics.median(warm),
+            "same rerun, in-process tracking",
+            statistics.median(cold),
+            "< 2 s wall",
+            digits=3,
+        ),
+        _row(
+            "medseg --help",
+            statistics.median(helps),
+            "python -c pass",
+            statistics.median(bare),
+            "< 0.5 s beyond interpreter start",
+            digits=3,
+        ),
+    ]
+
+
+def _row(
+    name: str, seconds: float, baseline: str, baseline_seconds: float, target: str, *, digits: int
+) -> dict[str, object]:
+    """A table row: medseg's seconds beside the baseline's, and their ratio."""
+    return {
+        "benchmark": name,
+        "medseg_s": round(seconds, digits),
+        "baseline": baseline,
+        "baseline_s": round(baseline_seconds, digits),
+        "ratio": round(seconds / baseline_seconds, 2),
+        "target": target,
+    }
 
 
 def concurrency(
@@ -117,22 +131,10 @@ def concurrency(
         two = together(2, {}, "two")
         spinning = together(2, {"GOMP_SPINCOUNT": "300000"}, "spin") if baseline else float("nan")
     return [
-        {
-            "benchmark": f"two demo runs at once ({epochs} epochs each)",
-            "medseg_s": round(two, 1),
-            "baseline": "one run alone",
-            "baseline_s": round(one, 1),
-            "ratio": round(two / one, 2),
-            "target": "≤ 2.3",
-        },
-        {
-            "benchmark": "two at once, OpenMP default spinning (before)",
-            "medseg_s": round(spinning, 1),
-            "baseline": "one run alone",
-            "baseline_s": round(one, 1),
-            "ratio": round(spinning / one, 2),
-            "target": "(was)",
-        },
+        _row(f"two demo runs at once ({epochs} epochs each)", two, "one run alone", one, "≤ 2.3", digits=1),
+        _row(
+            "two at once, OpenMP default spinning (before)", spinning, "one run alone", one, "(was)", digits=1
+        ),
     ]
 
 

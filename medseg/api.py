@@ -261,13 +261,13 @@ def run_workflow(
         if isinstance(tracker, ResilientTracker):
             with contextlib.suppress(TrackingError):  # best effort; the original error matters
                 tracker.flush()
-            tracker.close()
         raise
-    if isinstance(tracker, ResilientTracker):
-        try:
+    else:
+        if isinstance(tracker, ResilientTracker):
             tracker.flush()
             result = replace(result, review_link=tracker.review_link(resolved.experiment))
-        finally:
+    finally:
+        if isinstance(tracker, ResilientTracker):
             tracker.close()
     return result
 

@@ -49,8 +49,18 @@ def onnx_parity(
             expected = net(batch).numpy()
             (found,) = session.run(["logits"], {"image": batch.numpy()})
             worst = max(worst, float(np.abs(found - expected).max()))
+    return within_bound(worst, bound, "ONNX export")
+
+
+def within_bound(worst: float, bound: float, exported: str) -> float:
+    """``worst``, the largest logit difference of an ``exported`` format from PyTorch, if within ``bound``.
+
+    Raises:
+        StageError: it exceeds ``bound`` (the exported graph is not the network).
+
+    """
     if worst > bound:
         raise StageError(
-            f"ONNX export differs from PyTorch by {worst:.2e} (bound {bound:g}); report this model"
+            f"{exported} differs from PyTorch by {worst:.2e} (bound {bound:g}); report this model"
         )
     return worst

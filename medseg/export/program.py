@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from medseg.errors import StageError
+from medseg.export.onnx import within_bound
+from medseg.export.torchscript import max_abs_difference
 
 
 def export_program(
@@ -51,12 +52,5 @@ def program_parity(
 
     """
     module = program.module()
-    worst = 0.0
-    with torch.no_grad():
-        for batch in inputs:
-            worst = max(worst, float((module(batch) - net(batch)).abs().max()))
-    if worst > bound:
-        raise StageError(
-            f"torch.export program differs from PyTorch by {worst:.2e} (bound {bound:g}); report this model"
-        )
-    return worst
+    worst = max(max_abs_difference(net, module, batch) for batch in inputs)
+    return within_bound(worst, bound, "torch.export program")

@@ -16,7 +16,7 @@ def export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) 
     return torch.jit.load(str(path), map_location="cpu")
 
 
-def max_abs_difference(net: torch.nn.Module, module: torch.jit.ScriptModule, inputs: torch.Tensor) -> float:
-    """Largest absolute logit difference between ``net`` and ``module`` on ``inputs``."""
+def max_abs_difference(net: torch.nn.Module, module: torch.nn.Module, inputs: torch.Tensor) -> float:
+    """Largest absolute logit difference between ``net`` and an exported ``module`` on ``inputs``."""
     with torch.inference_mode():
         return float((net(inputs) - module(inputs)).abs().max())

@@ -29,7 +29,7 @@ from medseg.runner.lifecycle import Lease, open_lease, reclaim
 from medseg.runner.outcome import PlannedStage, RunOutcome, StageEvent, StageOutcome
 from medseg.runner.spec import ResolvedStage, ResolvedWorkflow
 from medseg.runner.workspace import Workspace
-from medseg.tracking.base import DatasetInfo, Tracker, flatten_params
+from medseg.tracking.base import DatasetInfo, RunStatus, Tracker, flatten_params
 from medseg.tracking.redact import RedactingTracker, Redactor
 
 Produced = dict[str, StageOutcome | PlannedStage]
@@ -175,11 +175,12 @@ class Runner:
         try:
             outcome = self._run_stages(job)
         except BaseException as exc:
-            what = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+            status: RunStatus = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             job.tracker.set_tags(
-                job.parent, {"medseg.error": _one_line(exc), "mlflow.runName": f"{job.name} · {what}"}
+                job.parent,
+                {"medseg.error": _one_line(exc), "mlflow.runName": f"{job.name} · {status.lower()}"},
             )
-            job.tracker.end_run(job.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            job.tracker.end_run(job.parent, status)
             raise
         else:
             job.tracker.end_run(job.parent, "FINISHED")
