@@ -55,8 +55,12 @@ def test_targets_benchmark_smoke(tmp_path):
 
 def test_dicom_benchmark_smoke():
     require(SHARED_DATA / "dicom" / "totalsegmentator-example" / "example_ct_dicom")
-    (row,) = bench_dicom.run(slices=4, repetitions=1)
-    assert row["voxels_equal"] is True and float(row["max_affine_difference_mm"]) < 1e-6
+    rows = bench_dicom.run(slices=4, repetitions=1, syntaxes=("JPEG-LS", "RLE"))
+    assert [row["benchmark"] for row in rows] == [
+        "CT series → volume, 4 slices 512² (JPEG-LS)",
+        "CT series → volume, 4 slices 512² (RLE)",
+    ]
+    assert all(row["voxels_equal"] is True and float(row["max_affine_difference_mm"]) < 1e-6 for row in rows)
 
 
 def test_inference_benchmark_smoke():

@@ -15,12 +15,16 @@ and ``uid``, which callers keep in the workspace's private area.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
+import mmap
+import multiprocessing
 import os
 import re
+import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +34,7 @@ from medseg.errors import DataError
 from medseg.io.geometry import LPS_TO_RAS, to_ras
 from medseg.io.volume import Volume
 from medseg.params import Params
+from medseg.threads import compute_threads
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
 ImageKind = Literal["magnitude", "phase", "real", "imaginary", "derived"]
@@ -486,8 +491,14 @@ def read_stacks(stacks: list[DicomSeries], *, max_gib: float = 8.0, scaling: Sca
     )
 
 
-def read_series(series: DicomSeries, *, max_gib: float = 8.0, scaling: Scaling = "display") -> Volume:
+def read_series(
+    series: DicomSeries, *, max_gib: float = 8.0, scaling: Scaling = "display", workers: int | None = None
+) -> Volume:
     """Build the series' volume: ``(1, x, y, z)`` float32 in RAS+ order with its affine (mm).
+
+    The files of a large single-frame series are decoded by ``workers`` forked processes
+    (default: the allowed CPUs, or ``OMP_NUM_THREADS``); the decoders (OpenJPEG, libjpeg, RLE)
+    hold the GIL, so threads would not help. The volume is the same voxel for voxel.
 
     Raises:
         DataError: the series would need more than ``max_gib`` GiB, an instance lacks pixel
@@ -502,15 +513,79 @@ def read_series(series: DicomSeries, *, max_gib: float = 8.0, scaling: Scaling =
             f"series {series.key}: {series.frames} slices of {series.columns}x{series.rows} need "
             f"{needed:.1f} GiB, over the {max_gib:g} GiB limit; check the headers or raise the limit"
         )
-    slices = [
-        frame
-        for number, path in enumerate(series.files, start=1)
-        for frame in _read_frames(series, number, path, scaling)
-    ]
-    volume = _assemble(series, slices)
+    workers = _decode_workers(series, compute_threads(None, os.environ) if workers is None else workers)
+    if workers > 1:
+        slices, pixels = _read_frames_parallel(series, scaling, workers)
+        volume = _assemble(series, slices, pixels)
+    else:
+        slices = [
+            frame
+            for number, path in enumerate(series.files, start=1)
+            for frame in _read_frames(series, number, path, scaling)
+        ]
+        volume = _assemble(series, slices)
     vendor = "philips " if series.philips else ""
     volume.meta["scaling"] = f"{vendor}{scaling if series.philips else 'display'}"
     return volume
+
+
+_PARALLEL_MIN_FILES = 32
+"""Smaller series are decoded in-process: starting workers would cost more than it saves."""
+_FILES_PER_TASK = 16
+
+
+def _decode_workers(series: DicomSeries, allowed: int) -> int:
+    """Processes to decode ``series`` with: 1 unless it is large, single-frame and fork exists."""
+    if (
+        series.multiframe
+        or len(series.files) < _PARALLEL_MIN_FILES
+        or "fork" not in multiprocessing.get_all_start_methods()
+        or not sys.platform.startswith("linux")  # fork is unsafe beside macOS system frameworks
+    ):
+        return 1
+    return max(1, min(allowed, len(series.files) // _FILES_PER_TASK))
+
+
+_shared: tuple[DicomSeries, Scaling, np.ndarray] | None = None
+"""In a decode worker: the series, the scaling and the shared ``(files, rows, columns)`` pixels."""
+
+
+def _share(series: DicomSeries, scaling: Scaling, pixels: np.ndarray) -> None:
+    global _shared  # one per forked worker process, set once at its start
+    _shared = (series, scaling, pixels)
+
+
+def _decode_task(numbers: list[int]) -> list[_Slice]:
+    """Decode files ``numbers`` (1-based) into the shared pixels; return their slices without pixels."""
+    if _shared is None:
+        raise RuntimeError("decode task outside a decode worker")
+    series, scaling, pixels = _shared
+    slices = []
+    for number in numbers:
+        (frame,) = _read_frames(series, number, series.files[number - 1], scaling)
+        pixels[number - 1] = frame.pixels
+        slices.append(replace(frame, pixels=np.empty(0, np.float32)))
+    return slices
+
+
+def _read_frames_parallel(
+    series: DicomSeries, scaling: Scaling, workers: int
+) -> tuple[list[_Slice], np.ndarray]:
+    """``_read_frames`` of every (single-frame) file by ``workers`` forked processes, in file order.
+
+    The workers write pixels into anonymous shared memory made before they fork and send back
+    only the geometry; a worker's ``DataError`` is raised here. Returns the slices (pixels as
+    views) and the shared pixels ``(files, rows, columns)`` float32.
+    """
+    count = len(series.files)
+    buffer = mmap.mmap(-1, count * series.rows * series.columns * 4)
+    pixels = np.frombuffer(buffer, np.float32).reshape(count, series.rows, series.columns)
+    numbers = list(range(1, count + 1))
+    tasks = [numbers[start : start + _FILES_PER_TASK] for start in range(0, count, _FILES_PER_TASK)]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=_share, initargs=(series, scaling, pixels)) as pool:
+        decoded = [frame for task in pool.imap(_decode_task, tasks) for frame in task]
+    return [replace(frame, pixels=pixels[index]) for index, frame in enumerate(decoded)], pixels
 
 
 def _read_frames(series: DicomSeries, number: int, path: Path, scaling: Scaling) -> list[_Slice]:
@@ -534,6 +609,8 @@ def _read_frames(series: DicomSeries, number: int, path: Path, scaling: Scaling)
             f"{name}: transfer syntax {syntax.name} ({syntax}) has no decoder installed; convert the "
             "series to an uncompressed or common compressed syntax (e.g. with dcmdjpeg or gdcmconv)"
         )
+    if syntax is not None and syntax.is_compressed:
+        dataset.pixel_array_options(decoding_plugin=_decoding_plugin(str(syntax)))
     try:
         pixels = np.asarray(dataset.pixel_array, dtype=np.float32)
     except Exception as exc:  # truncated pixel data, bad encapsulation
@@ -551,21 +628,26 @@ def _read_frames(series: DicomSeries, number: int, path: Path, scaling: Scaling)
         else f"file {number}"
     )
     if "PerFrameFunctionalGroupsSequence" in dataset:
-        return [
+        slices = [
             _enhanced_frame(dataset, index, pixels[index], f"{slice_name}, frame {index + 1}", series.key)
             for index in range(frames)
         ]
-    spacing = dataset.get("PixelSpacing", [1.0, 1.0])
-    return [
-        _Slice(
-            pixels=_scaled(dataset, pixels[0], scaling),
-            position=np.asarray(dataset.ImagePositionPatient, dtype=float),
-            cosines=np.asarray(dataset.ImageOrientationPatient, dtype=float),
-            spacing=(float(spacing[0]), float(spacing[1])),
-            label=slice_name,
-            thickness=float(dataset.get("SliceThickness") or 0.0),
-        )
-    ]
+    else:
+        spacing = dataset.get("PixelSpacing", [1.0, 1.0])
+        slices = [
+            _Slice(
+                pixels=_scaled(dataset, pixels[0], scaling),
+                position=np.asarray(dataset.ImagePositionPatient, dtype=float),
+                cosines=np.asarray(dataset.ImageOrientationPatient, dtype=float),
+                spacing=(float(spacing[0]), float(spacing[1])),
+                label=slice_name,
+                thickness=float(dataset.get("SliceThickness") or 0.0),
+            )
+        ]
+    for item in slices:
+        if not np.isfinite(item.pixels).all():
+            raise DataError(f"{name} ({item.label}): pixel values include NaN or infinity; file corrupt")
+    return slices
 
 
 PHILIPS_SCALE_SLOPE = (0x2005, 0x100E)
@@ -588,6 +670,32 @@ def _scaled(dataset: Any, pixels: np.ndarray, scaling: Scaling) -> np.ndarray:
     display = pixels * slope + intercept
     scale_slope = philips_scale_slope(dataset) if scaling == "precise" else None
     return display / (slope * scale_slope) if scale_slope else display
+
+
+_JPEG_2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+_JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+_JPEG = tuple(f"1.2.840.10008.1.2.4.{number}" for number in (50, 51, 57, 70))
+_FASTEST_DECODERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(_JPEG_2000, ("pylibjpeg", "gdcm", "pillow")),
+    **dict.fromkeys(_JPEG_LS, ("pyjpegls", "gdcm", "pylibjpeg")),
+    **dict.fromkeys(_JPEG, ("gdcm", "pylibjpeg", "pillow")),
+}
+"""pydicom decoding plugins per transfer syntax UID, fastest first; all voxel-identical on lossless data.
+
+Measured per 512² 16-bit CT slice on 2 CPU cores: JPEG 2000 GDCM 16 ms, OpenJPEG (pylibjpeg)
+25 ms, Pillow 27 ms; JPEG-LS CharLS (pyjpegls) 4.9 ms, GDCM 6.7 ms, libjpeg (pylibjpeg) 18.8 ms;
+JPEG lossless GDCM 6.3 ms, libjpeg 9.8 ms. GDCM also decodes lossy JPEG as SimpleITK does.
+Other syntaxes (RLE, HTJ2K) keep pydicom's choice.
+"""
+
+
+@functools.cache
+def _decoding_plugin(syntax: str) -> str:
+    """The fastest installed pydicom plugin for transfer syntax UID ``syntax`` (``""``: pydicom's choice)."""
+    from pydicom.pixels import get_decoder
+
+    available = get_decoder(syntax).available_plugins
+    return next((plugin for plugin in _FASTEST_DECODERS.get(syntax, ()) if plugin in available), "")
 
 
 def _can_decode(syntax: Any) -> bool:
@@ -655,8 +763,13 @@ def stored_grid_affine(
     return LPS_TO_RAS @ lps
 
 
-def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
-    """Sort, check and stack slices into a RAS+ volume."""
+def _assemble(series: DicomSeries, slices: list[_Slice], pixels: np.ndarray | None = None) -> Volume:
+    """Sort, check and stack slices into a RAS+ volume.
+
+    ``pixels`` ``(len(slices), rows, columns)``, when given, holds the slices' pixels in the
+    order of ``slices`` (the parallel decoders' shared buffer); it is used without a copy when
+    the files are already in position order (or its reverse).
+    """
     first = slices[0]
     for item in slices[1:]:
         if np.abs(item.cosines - first.cosines).max() > _DIRECTION_TOLERANCE:
@@ -668,7 +781,8 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
                 f"{item.label}: pixel spacing {item.spacing} differs from {first.spacing} in the series"
             )
     normal = np.cross(first.cosines[:3], first.cosines[3:])
-    slices = sorted(slices, key=lambda item: float(normal @ item.position))
+    order = np.argsort([float(normal @ item.position) for item in slices], kind="stable")
+    slices = [slices[index] for index in order]
     distances = np.array([float(normal @ item.position) for item in slices])
     steps = np.diff(distances)
     if len(slices) > 1:
@@ -698,15 +812,21 @@ def _assemble(series: DicomSeries, slices: list[_Slice]) -> Volume:
         slice_step = median
     else:
         slice_step = first.thickness or 1.0  # a lone slice: its thickness, as dcm2niix and ITK take it
-    stack = np.empty((series.columns, series.rows, len(slices)), np.float32)  # (x, y, z)
-    for index, item in enumerate(slices):
-        stack[:, :, index] = item.pixels.T
-    if not np.isfinite(stack).all():
-        raise DataError(f"series {series.key}: pixel values include NaN or infinity; the data is corrupt")
+    stack = _stacked(pixels, order) if pixels is not None else np.stack([item.pixels for item in slices])
     ras = stored_grid_affine(first.cosines, first.spacing, slices[0].position, slice_step)
-    array, affine = to_ras(stack, ras)
+    array, affine = to_ras(stack.transpose(2, 1, 0), ras)  # one (threaded) copy into RAS+ order
     meta = {"modality": series.modality, "series": series.key}
     return Volume(array[None], affine, kind="image", meta=meta)
+
+
+def _stacked(pixels: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``pixels[order]`` ``(slices, rows, columns)``, a view when ``order`` runs forwards or backwards."""
+    steps = np.diff(order)
+    if (steps == 1).all():
+        return pixels[order[0] : order[-1] + 1]
+    if (steps == -1).all():
+        return pixels[order[0] :: -1][: len(order)]
+    return pixels[order]
 
 
 def read_dicom_seg(path: Path, *, highest_wins: bool = False) -> Volume:

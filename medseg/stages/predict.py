@@ -52,7 +52,7 @@ class IngestImages(Stage[IngestImagesParams]):
     """The ``ingest_images`` stage (see ``execute``)."""
 
     name = "ingest_images"
-    version = 1
+    version = 2
     params = IngestImagesParams
     inputs = ports(source=Kind.SOURCE)
     outputs = ports(images=Kind.IMAGES)

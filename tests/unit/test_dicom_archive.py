@@ -207,3 +207,74 @@ def test_a_series_with_a_true_duplicate_slice_still_says_so(tmp_path):
     folder = _stacked_series(tmp_path / "series", [{}, {}])  # same positions, nothing tells them apart
     with pytest.raises(DataError, match="at the same position; remove the duplicate slice"):
         read_series(find_series(folder))
+
+
+def _shuffled_series(folder: Path, slices: int, syntax: str) -> Path:
+    """``slices`` slices of the real CT in ``syntax``, their file names out of position order."""
+    from bench.bench_dicom import SYNTAXES, replicate
+
+    require(CT_SERIES)
+    source = folder / "ordered"
+    source.mkdir(parents=True)
+    replicate(source, slices, SYNTAXES[syntax])
+    target = folder / "series"
+    target.mkdir()
+    order = np.random.default_rng(0).permutation(slices)
+    for index, path in enumerate(sorted(source.iterdir())):
+        path.rename(target / f"IM{order[index]:04d}.dcm")
+    return target
+
+
+def test_large_series_decode_in_worker_processes_to_the_same_voxels(tmp_path, monkeypatch):
+    import medseg.io.dicom as dicom
+
+    folder = _shuffled_series(tmp_path, 40, "JPEG-LS")
+    series = find_series(folder)
+    calls = []
+    parallel = dicom._read_frames_parallel
+    monkeypatch.setattr(
+        dicom, "_read_frames_parallel", lambda *args: calls.append(args[2]) or parallel(*args)
+    )
+    serial = read_series(series, workers=1)
+    assert calls == []
+    shared = read_series(series, workers=2)
+    assert calls == [2]  # two worker processes decoded the 40 files
+    np.testing.assert_array_equal(shared.array, serial.array)
+    assert np.array_equal(shared.affine, serial.affine) and shared.array.flags.c_contiguous
+    array, affine = simpleitk_volume(folder)
+    np.testing.assert_array_equal(shared.array[0], array)
+    assert np.abs(shared.affine - affine).max() < 1e-6
+    assert dicom._decode_workers(series, 8) == 2  # at least 16 files per worker
+    assert dicom._decode_workers(find_series(CT_SERIES), 8) == 1  # 20 files: in-process
+
+
+def test_a_damaged_file_in_a_worker_is_named(tmp_path):
+    folder = _shuffled_series(tmp_path, 32, "RLE")
+    series = find_series(folder)
+    number = 23
+    damaged = series.files[number - 1]
+    damaged.write_bytes(damaged.read_bytes()[:-5000])  # cut inside the pixel data element
+    with pytest.raises(DataError, match=rf"^series {series.key}, file {number}: has no pixel data"):
+        read_series(series, workers=2)
+
+
+def test_the_fastest_installed_decoder_is_chosen_per_syntax():
+    from medseg.io.dicom import _decoding_plugin
+
+    assert _decoding_plugin(str(JPEG2000Lossless)) == "pylibjpeg"  # OpenJPEG: one thread per process
+    assert _decoding_plugin(str(JPEGLSLossless)) == "pyjpegls"  # CharLS
+    assert _decoding_plugin(str(JPEGLosslessSV1)) == "gdcm"
+    assert _decoding_plugin(str(RLELossless)) == ""  # pydicom's own
+
+
+@pytest.mark.parametrize("order", [(2, 1, 0), (1, 2, 0), (2, 0, 1), (0, 2, 1)])
+def test_contiguous_copies_views_plane_by_plane_exactly(order, monkeypatch):
+    import medseg.io.geometry as geometry
+    from medseg.io.geometry import contiguous
+
+    monkeypatch.setattr(geometry, "_THREADED_COPY_BYTES", 0)  # plane by plane even when small
+    source = np.arange(30 * 40 * 50, dtype=np.float32).reshape(30, 40, 50)
+    view = source.transpose(order)[::-1, :, ::-1]
+    copied = contiguous(view)
+    assert copied.flags.c_contiguous and copied.shape == view.shape
+    np.testing.assert_array_equal(copied, view)
