@@ -541,6 +541,7 @@ def _decode_workers(series: DicomSeries, allowed: int) -> int:
         or len(series.files) < _PARALLEL_MIN_FILES
         or "fork" not in multiprocessing.get_all_start_methods()
         or not sys.platform.startswith("linux")  # fork is unsafe beside macOS system frameworks
+        or multiprocessing.current_process().daemon  # a daemonic process may not have children
     ):
         return 1
     return max(1, min(allowed, len(series.files) // _FILES_PER_TASK))
