@@ -14,8 +14,43 @@ OPSET = 18
 """ONNX opset written: recent enough for every op of the MONAI U-Nets (instance norm, deconv)."""
 
 
-def export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write ``net`` (eval, CPU) as ONNX: ``image`` ``(N, C, *spatial)`` → ``logits``; N, spatial dynamic."""
+ONNX_EXPORTERS = {
+    "dynamo": "torch.onnx dynamo exporter (from the torch.export program)",
+    "torchscript": "torch.onnx TorchScript-based exporter (deprecated with TorchScript)",
+}
+"""The ONNX exporters medseg uses, as the model card names them."""
+
+
+def export_onnx(
+    net: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    program: torch.export.ExportedProgram | None = None,
+) -> tuple[str, str]:
+    """Write ``net`` (eval, CPU) as ONNX: ``image`` ``(N, C, *spatial)`` → ``logits``; N, spatial dynamic.
+
+    With ``program`` (``net`` under ``torch.export``, dynamic sizes declared) the dynamo
+    exporter converts it; where it cannot (no onnxscript, an operator it lacks) or without a
+    program, the TorchScript-based exporter traces ``net`` from ``example`` ``(1, C, *spatial)``.
+
+    Returns:
+        The exporter used (a key of ``ONNX_EXPORTERS``) and why the dynamo one was not
+        (``""`` when it was).
+
+    """
+    reason = "no torch.export program"
+    if program is not None:
+        try:
+            pair = torch.cat([example, example]).cpu()
+            torch.onnx.export(
+                program, (pair,), str(path), input_names=["image"], output_names=["logits"],
+                opset_version=OPSET, dynamo=True, verbose=False,
+            )  # fmt: skip
+        except (ImportError, torch.onnx.OnnxExporterError) as exc:
+            reason = f"the dynamo exporter failed with {type(exc).__name__}"  # its text may name local paths
+        else:
+            return "dynamo", ""
     spatial = {axis: f"spatial_{axis - 2}" for axis in range(2, example.dim())}
     axes = {0: "batch", **spatial}
     with torch.inference_mode():
@@ -29,6 +64,7 @@ def export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None
             opset_version=OPSET,
             dynamo=False,
         )
+    return "torchscript", reason
 
 
 def onnx_parity(

@@ -167,3 +167,4 @@ def test_onnx_and_torch_export_match_pytorch_at_any_size(study):
     formats = medseg.ModelCard.read(export / "model_card.json").formats
     assert set(formats) == {"model.pt2", "model.onnx", "model.ts", "weights.pt"}
     assert "deprecated" in formats["model.ts"]
+    assert formats["model.onnx"].endswith("by the torch.onnx dynamo exporter (from the torch.export program)")

@@ -61,6 +61,9 @@ def test_three_folds_make_one_ensemble_chosen_out_of_fold(tmp_path, phantom_dir)
 
     # Every consumer gets the ensemble: the exported ONNX model and the Segmenter.
     assert result.metrics["export/onnx_max_abs_diff"] < 1e-3
+    formats = medseg.ModelCard.read(export / "model_card.json").formats
+    assert "model.pt2" not in formats  # not asked: ONNX from the TorchScript-based exporter, and it says why
+    assert formats["model.onnx"].endswith("(deprecated with TorchScript) (no torch.export program)")
     labels = medseg.Segmenter.from_export(export).predict(image)
     assert labels.array.max() >= 1
 
