@@ -471,13 +471,29 @@ def predict(
         bool, typer.Option("--flip-tta", help="Average predictions over mirrored copies (2^dims passes).")
     ] = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
+    executor: Annotated[
+        str, typer.Option("--executor", help="local (this process) or ray (a Ray cluster: medseg[ray]).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray: auto (ray start here), ray://host:10001; unset: a private one."),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Ray: workers, each loads the model once.")] = 2,
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", help="Ray: GPUs per worker (0: CPU; > 0: on cuda).")
+    ] = 0.0,
     workspace: WorkspaceOption = Path(".medseg"),
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Segment images with a trained model; labels come back in each input's geometry."""
+    import tempfile
+
+    from pydantic import ValidationError
+
     from medseg.api import model_registry
     from medseg.inference.cohort import predict_cohort
-    from medseg.inference.segmenter import Segmenter
+    from medseg.inference.executors import ExecutorParams
+    from medseg.inference.segmenter import fetch_export
     from medseg.io.cohort import OUTPUT_SUFFIX, discover_images
     from medseg.runner.workspace import Workspace
 
@@ -485,9 +501,21 @@ def predict(
     if output_format not in OUTPUT_SUFFIX:
         console.print(f"[bold red]error:[/] --format must be one of {', '.join(OUTPUT_SUFFIX)}")
         raise typer.Exit(1)
-    with _errors():
+    try:
+        where = ExecutorParams(
+            kind=executor,
+            address=address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        option = "-".join(map(str, problem["loc"])).replace("_", "-").replace("kind", "executor")
+        console.print(f"[bold red]error:[/] --{option}: {problem['msg']}")
+        raise typer.Exit(1) from None
+    with _errors(), tempfile.TemporaryDirectory(prefix="medseg-model-") as fetched:
         uri = tracking_uri or Workspace(workspace).default_tracking_uri
-        segmenter = Segmenter.load(model, resolver=model_registry(uri), device=device)
+        export = fetch_export(model, model_registry(uri), Path(fetched))
         cases = discover_images(source)
         with _progress_bar() as bar:
             task = bar.add_task("predict", total=len(cases), status="")
@@ -496,7 +524,14 @@ def predict(
                 bar.update(task, completed=completed, status=status)
 
             results = predict_cohort(
-                segmenter, cases, output, output_format, flip_tta=flip_tta, progress=progress
+                export,
+                cases,
+                output,
+                output_format,
+                device=device,
+                flip_tta=flip_tta,
+                executor=where,
+                progress=progress,
             )
     table = Table(title=f"{len(results)} case(s) → {output}", show_header=True)
     for column in ("case", "objects", "voxels", "volume (ml)", "written"):

@@ -12,6 +12,10 @@ IDENTIFYING = {"identifying": True}
 """``json_schema_extra`` of a field whose value identifies a patient or study (a DICOM UID)."""
 
 
+OUTSIDE_CACHE_KEY = {"cache_key": False}
+"""``json_schema_extra`` of a field that cannot change a stage's outputs (where it runs): logged, unkeyed."""
+
+
 def identifying_field(default: Any = None, **kwargs: Any) -> Any:
     """A params field whose value is never logged as is (``loggable`` shows a digest)."""
     return Field(default, json_schema_extra=IDENTIFYING, **kwargs)
@@ -21,6 +25,12 @@ class Params(BaseModel):
     """Frozen params model; a misspelt key is an error carrying its field path."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def keyed(self) -> dict[str, Any]:
+        """The params as JSON data for a cache key: every field but those marked ``OUTSIDE_CACHE_KEY``."""
+        fields = type(self).model_fields.items()
+        outside = {name for name, field in fields if field.json_schema_extra == OUTSIDE_CACHE_KEY}
+        return self.model_dump(mode="json", exclude=outside)
 
     def loggable(self) -> dict[str, Any]:
         """The params as JSON data for tracking: identifying values become ``sha256:<12 hex>``."""

@@ -37,6 +37,31 @@ class ModelResolver(Protocol):
         """Download ``source`` (``models:/...``, ``runs:/...``, a run id) into ``destination``."""
 
 
+def fetch_export(source: str | Path, resolver: ModelResolver | None, destination: Path) -> Path:
+    """The export folder ``source`` names: itself, or fetched by ``resolver`` into ``destination``.
+
+    ``source`` is an export folder, ``models:/name/version``, ``models:/name@alias``,
+    ``runs:/<run id>/model`` or a run id.
+
+    Raises:
+        DataError: ``source`` is none of these, or a registry source comes without ``resolver``.
+        TrackingError: the model or run cannot be found or fetched from the store.
+
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path
+    text = str(source)
+    if not (text.startswith(("models:/", "runs:/")) or _RUN_ID.fullmatch(text)):
+        raise DataError(
+            f"no export folder at '{path.name}', and it is not a models:/ or runs:/ URI or a run id; "
+            "point at an export folder or a registered model"
+        )
+    if resolver is None:
+        raise DataError(f"loading '{text}' needs a model registry: resolver=medseg.model_registry(uri)")
+    return resolver(text, destination)
+
+
 class Segmenter:
     """Segment images with an exported medseg model.
 
@@ -74,21 +99,8 @@ class Segmenter:
             TrackingError: the model or run cannot be found or fetched from the store.
 
         """
-        path = Path(source)
-        if path.is_dir():
-            return cls.from_export(path, device=device)
-        text = str(source)
-        if not (text.startswith(("models:/", "runs:/")) or _RUN_ID.fullmatch(text)):
-            raise DataError(
-                f"no export folder at '{path.name}', and it is not a models:/ or runs:/ URI or a run id; "
-                "point at an export folder or a registered model"
-            )
-        if resolver is None:
-            raise DataError(
-                f"loading '{text}' needs a model registry: resolver=medseg.model_registry(tracking_uri)"
-            )
         with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
-            return cls.from_export(resolver(text, Path(folder)), device=device)
+            return cls.from_export(fetch_export(source, resolver, Path(folder)), device=device)
 
     @classmethod
     def from_export(cls, folder: str | Path, *, device: str = "cpu") -> Segmenter:

@@ -91,7 +91,7 @@ class Runner:
         return cache_key(
             stage=stage.spec.name,
             version=stage.spec.version,
-            params=stage.params.model_dump(mode="json"),
+            params=stage.params.keyed(),
             input_digests=digests,
             seed=seed,
             versions=self.versions_for(stage),

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from medseg.errors import DataError
+from medseg.inference.executors import ExecutorParams, executor_field
 from medseg.io.cohort import OutputFormat
 from medseg.io.dicom import SeriesRules
 from medseg.params import Params
@@ -29,10 +30,16 @@ class IngestImagesParams(Params):
 
 
 class PredictParams(Params):
-    """``flip_tta`` mirrors each image along every axis combination; ``device``: cpu, cuda..."""
+    """``flip_tta`` mirrors each image along every axis combination; ``device``: cpu, cuda...
+
+    ``executor`` says where the cases are segmented: this process (``kind: local``, the default)
+    or a Ray cluster (``kind: ray``, see ``ExecutorParams``); the outputs are the same, and the
+    executor is not part of the cache key.
+    """
 
     flip_tta: bool = False
     device: str = "cpu"
+    executor: ExecutorParams = executor_field()
 
 
 class WriteParams(Params):
@@ -123,29 +130,39 @@ class Predict(Stage[PredictParams]):
         inputs: Mapping[str, Path],
         outputs: Mapping[str, Path],
     ) -> dict[str, float]:
-        """Segment every case with the exported model; write labels and ``predictions.csv``."""
+        """Segment every case with the exported model; write labels and ``predictions.csv``.
+
+        Every case is attempted; a case that fails is named with its cause after the others
+        are done, and the stage fails (nothing is cached).
+        """
         import numpy as np
 
-        from medseg.inference.segmenter import Segmenter
+        from medseg.inference.executors import CaseJob, CaseOutcome, segment_cases
         from medseg.io.cohort import label_summary
-        from medseg.io.readers import read_image, write_image
+        from medseg.io.readers import write_image
 
-        segmenter = Segmenter.from_export(inputs["model"], device=params.device)
         records = _records(inputs["images"])
-        rows = []
-        for number, record in enumerate(records, start=1):
-            case_id = record["case_id"]
-            try:
-                labels = segmenter.predict(
-                    read_image(inputs["images"] / record["image"]), flip_tta=params.flip_tta
-                )
-            except DataError as exc:
-                raise DataError(f"case {case_id}: {exc}") from exc
-            folder = outputs["labels"] / "cases" / case_id
-            folder.mkdir(parents=True)
-            write_image(labels, folder / "label.nii.gz")
-            rows.append({"case_id": case_id, **label_summary(labels)})
-            context.progress("predict", number, len(records))
+        jobs = [CaseJob(record["case_id"], inputs["images"] / record["image"]) for record in records]
+        summaries: dict[str, dict[str, object]] = {}
+        failures: dict[str, str] = {}
+
+        def write(outcome: CaseOutcome) -> None:
+            if outcome.labels is None:
+                failures[outcome.case_id] = outcome.error or "not segmented"
+            else:
+                folder = outputs["labels"] / "cases" / outcome.case_id
+                folder.mkdir(parents=True)
+                write_image(outcome.labels, folder / "label.nii.gz")
+                summaries[outcome.case_id] = label_summary(outcome.labels)
+            context.progress("predict", len(summaries) + len(failures), len(records))
+
+        segment_cases(
+            inputs["model"], jobs, params.executor, write, device=params.device, flip_tta=params.flip_tta
+        )
+        if failures:
+            listed = "; ".join(f"case {case_id}: {error}" for case_id, error in sorted(failures.items()))
+            raise DataError(f"{len(failures)} of {len(records)} case(s) failed ({listed})")
+        rows = [{"case_id": record["case_id"], **summaries[record["case_id"]]} for record in records]
         table = outputs["labels"] / "predictions.csv"
         with table.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
