@@ -155,19 +155,17 @@ def case_files(job: CaseJob) -> dict[str, bytes]:
 
 
 class CaseWorker:
-    """A Ray actor's state: one ``Segmenter`` loaded from the export's files, kept for every case."""
+    """A Ray actor's state: one ``Segmenter`` loaded from the export's files, kept for every case.
 
-    def __init__(self, export: list[Any], device: str, threads: int, medseg_version: str) -> None:
-        """Load the model from ``export``: ``[object ref of {file name: bytes}]`` (``EXPORT_FILES``).
+    The model comes as ``[object ref of {file name: bytes}]`` (``EXPORT_FILES``) with each call,
+    wrapped in a list so that Ray passes the reference, not the bytes; it is loaded on the first
+    call, and again by a restarted worker. (Constructor arguments would not survive a restart.)
+    """
 
-        The reference is wrapped in a list so that Ray hands it over unresolved: a restarted
-        worker fetches it again, from the driver's copy.
-        """
-        import ray
+    def __init__(self, device: str, threads: int, medseg_version: str) -> None:
         import torch
 
         from medseg._version import __version__
-        from medseg.inference.segmenter import Segmenter
 
         if medseg_version != __version__:
             raise ConfigError(
@@ -175,18 +173,34 @@ class CaseWorker:
                 "same medseg on every node"
             )
         torch.set_num_threads(threads)
-        folder = Path(tempfile.mkdtemp(prefix="medseg-model-"))
-        try:
-            for name, content in ray.get(export[0]).items():
-                (folder / name).write_bytes(content)
-            self.segmenter = Segmenter.from_export(folder, device=device)
-        finally:
-            shutil.rmtree(folder)
+        self.device = device
+        self.segmenter: Segmenter | None = None
+
+    def load(self, export: list[Any]) -> int:
+        """Load the model (once); return this worker's process id (to watch or stop it)."""
+        self._segmenter(export)
+        return os.getpid()
+
+    def _segmenter(self, export: list[Any]) -> Segmenter:
+        import ray
+
+        from medseg.inference.segmenter import Segmenter
+
+        if self.segmenter is None:
+            folder = Path(tempfile.mkdtemp(prefix="medseg-model-"))
+            try:
+                for name, content in ray.get(export[0]).items():
+                    (folder / name).write_bytes(content)
+                self.segmenter = Segmenter.from_export(folder, device=self.device)
+            finally:
+                shutil.rmtree(folder)
+        return self.segmenter
 
     def segment(
-        self, case_id: str, files: dict[str, bytes], reference_series: bool, flip_tta: bool
+        self, export: list[Any], case_id: str, files: dict[str, bytes], reference_series: bool, flip_tta: bool
     ) -> CaseOutcome:
         """Segment case ``case_id`` from its ``files`` (``case_files``), put in a private temporary folder."""
+        segmenter = self._segmenter(export)
         with tempfile.TemporaryDirectory(prefix="medseg-case-") as name:
             folder = Path(name)
             for file_name, content in files.items():
@@ -194,16 +208,10 @@ class CaseWorker:
             first = next(iter(files))
             source = folder / first if first.startswith("image") else folder
             try:
-                labels = segment_case(
-                    self.segmenter, source, reference_series=reference_series, flip_tta=flip_tta
-                )
+                labels = segment_case(segmenter, source, reference_series=reference_series, flip_tta=flip_tta)
             except DataError as exc:
                 return CaseOutcome(case_id, error=str(exc).replace(name, "<case>"))
         return CaseOutcome(case_id, labels)
-
-    def pid(self) -> int:
-        """The process id of this worker (to watch or stop it)."""
-        return os.getpid()
 
 
 def _segment_on_ray(
@@ -240,18 +248,19 @@ def _segment_on_ray(
     )
     model = ray.put({name: (export / name).read_bytes() for name in EXPORT_FILES})
     threads = max(1, int(executor.cpus_per_worker))
-    actors = [remote.remote([model], worker_device, threads, __version__) for _ in range(executor.workers)]
+    actors = [remote.remote(worker_device, threads, __version__) for _ in range(executor.workers)]
     pending = deque(jobs)
     running: dict[Any, tuple[Any, CaseJob]] = {}
 
     def submit(actor: Any) -> None:
         job = pending.popleft()
         call = actor.segment.options(name=f"segment {job.case_id}")
-        running[call.remote(job.case_id, case_files(job), job.reference_series, flip_tta)] = (actor, job)
+        files = case_files(job)
+        running[call.remote([model], job.case_id, files, job.reference_series, flip_tta)] = (actor, job)
 
     try:
         try:
-            ray.get([actor.pid.remote() for actor in actors])
+            ray.get([actor.load.remote([model]) for actor in actors])
         except ray.exceptions.RayActorError as exc:
             cause = [line for line in str(exc).splitlines() if "Error" in line][-1:] or ["unknown cause"]
             raise ConfigError(f"the Ray workers could not start: {cause[0].strip()}") from None
