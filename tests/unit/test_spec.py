@@ -86,3 +86,21 @@ def test_shipped_examples_validate():
     if not (examples / "../../../shared/data").resolve().exists():
         pytest.skip("../shared/data not beside the project")
     assert validate_workflow(gowt1).name == "gowt1-unet2d"
+
+
+def test_pacs_predict_takes_a_ray_executor_outside_the_cache_key(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    path = tmp_path / "pacs.yaml"
+    path.write_text(
+        f"pipeline: pacs_predict\ninputs: {{model: {model}}}\n"
+        "params:\n  predict:\n    executor: {kind: ray, address: auto, workers: 4, gpus_per_worker: 0.5}\n"
+    )
+    predict = next(stage for stage in validate_workflow(path).stages if stage.name == "predict")
+    assert predict.params.executor.kind == "ray" and predict.params.executor.gpus_per_worker == 0.5
+    assert predict.params.loggable()["executor"]["address"] == "auto"  # logged with the run
+    assert "executor" not in predict.params.keyed()  # the same outputs wherever they are computed
+    assert type(predict.params)().keyed() == predict.params.keyed()
+    path.write_text(path.read_text().replace("workers: 4", "workers: 0"))
+    with pytest.raises(ConfigError, match=r"'params.predict.executor.workers': Input should be greater than"):
+        validate_workflow(path)
