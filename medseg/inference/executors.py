@@ -239,6 +239,12 @@ def _segment_on_ray(
                 f"cannot reach the Ray cluster at '{executor.address}' ({type(exc).__name__}); start it "
                 "(ray start --head) or fix executor.address"
             ) from exc
+    try:
+        _check_fits(ray.cluster_resources(), executor)
+    except ConfigError:
+        if started:
+            ray.shutdown()
+        raise
     worker_device = "cuda" if executor.gpus_per_worker > 0 else device
     remote = ray.remote(CaseWorker).options(
         num_cpus=executor.cpus_per_worker,
@@ -292,3 +298,20 @@ def _segment_on_ray(
             ray.kill(actor)
         if started:
             ray.shutdown()
+
+
+def _check_fits(resources: dict[str, float], executor: ExecutorParams) -> None:
+    """Refuse workers the cluster's nodes cannot all hold at once (they would wait for ever).
+
+    Raises:
+        ConfigError: naming what the cluster offers and what the workers need.
+
+    """
+    for name, each in (("CPU", executor.cpus_per_worker), ("GPU", executor.gpus_per_worker)):
+        offered = float(resources.get(name, 0.0))
+        if executor.workers * each > offered:
+            raise ConfigError(
+                f"the Ray cluster offers {offered:g} {name}s; {executor.workers} worker(s) × {each:g} {name} "
+                f"need {executor.workers * each:g}: lower executor.workers (--workers) or the {name}s per "
+                "worker, or add nodes"
+            )
