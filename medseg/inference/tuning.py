@@ -44,6 +44,8 @@ class ValidationCase:
         reference: int instance labels ``(*spatial)``.
         markers: CTC ``TRA`` marker labels ``(*spatial)`` or None.
         fully_annotated: whether every object is outlined in ``reference``.
+        ignore: bool ``(*spatial)``, voxels whose label is unknown (``ingest.ignore_label``),
+            left out of every candidate's score as evaluation leaves them out; or None.
 
     """
 
@@ -53,6 +55,7 @@ class ValidationCase:
     reference: np.ndarray
     markers: np.ndarray | None
     fully_annotated: bool
+    ignore: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ def _score(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray]) -
                 prediction,
                 markers=case.markers,
                 fully_annotated=case.fully_annotated,
+                ignore=case.ignore,
             )
             for case, prediction in zip(cases, predictions, strict=True)
         ]

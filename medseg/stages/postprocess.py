@@ -63,7 +63,7 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 3
+    version = 4
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
@@ -81,7 +81,7 @@ class Postprocess(Stage[PostprocessParams]):
         from medseg.inference.model import CARD_FILE, load_model
         from medseg.inference.predict import class_map, class_probability, predict_logits
         from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
-        from medseg.io.dataset import load_case, load_markers, read_index
+        from medseg.io.dataset import load_case, load_ignore, load_markers, read_index
         from medseg.io.readers import read_image
         from medseg.training.loop import resolve_device
 
@@ -129,6 +129,7 @@ class Postprocess(Stage[PostprocessParams]):
                     reference=label.array[0],
                     markers=markers.array[0] if markers is not None else None,
                     fully_annotated=record.fully_annotated,
+                    ignore=load_ignore(folder, record) if markers is None else None,  # as evaluate does
                 )
             )
             context.progress("postprocess: predict", number, len(records))

@@ -84,3 +84,17 @@ def test_seed_threshold_splits_touching_cells_of_a_boundary_map():
     choice = choose_postprocessing([case], boundary, object_sizes=np.array([150, 150]), instance_labels=True)
     assert choice.baseline.f1 == pytest.approx(2 / 3) and choice.chosen.f1 == 1.0  # merged: IoU 0.5 with one
     assert choice.settings.seed_threshold == 0.5
+
+
+def test_fragments_where_the_label_is_unknown_do_not_steer_the_choice():
+    reference, _, classes = _cells_with_fragments()
+    sizes = training_object_sizes([reference], instance_labels=True)
+    unknown = np.zeros(reference.shape, bool)
+    unknown[18:30, 18:36] = True  # the fragments lie where the annotator drew nothing (ignore label)
+    plain = ValidationCase("case_0001", classes, None, reference, None, fully_annotated=True)
+    ignored = ValidationCase("case_0001", classes, None, reference, None, True, ignore=unknown)
+    choice = choose_postprocessing([plain], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.settings.min_object_size == 5
+    choice = choose_postprocessing([ignored], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.baseline.f1 == 1.0 and choice.baseline.objects_per_case == 4  # as evaluation scores it
+    assert choice.settings.min_object_size == 0  # nothing to remove: the trained settings stay
