@@ -38,6 +38,8 @@ class TrainState:
             current weights, as in a run without validation cases).
         history: per-epoch metrics ``{"epoch": e, "train/loss": ..., "val/...": ...}``.
         stale: validations since the best one (for early stopping).
+        fitted_epochs: the epochs a minutes budget fitted after epoch 1 (0: none fitted).
+        seconds: wall seconds of training so far, over every session of the run.
 
     """
 
@@ -47,6 +49,8 @@ class TrainState:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     stale: int = 0
+    fitted_epochs: int = 0
+    seconds: float = 0.0
 
 
 def save_checkpoint(
@@ -72,6 +76,8 @@ def save_checkpoint(
         "best_state": state.best_state,
         "history": state.history,
         "stale": state.stale,
+        "fitted_epochs": state.fitted_epochs,
+        "seconds": state.seconds,
         "params": json.dumps(params, sort_keys=True),
     }
     temporary = path.with_suffix(".tmp")
@@ -116,4 +122,6 @@ def load_checkpoint(
         best_state=dict(payload["best_state"]),
         history=list(payload["history"]),
         stale=int(payload["stale"]),
+        fitted_epochs=int(payload.get("fitted_epochs", 0)),
+        seconds=float(payload.get("seconds", 0.0)),
     )

@@ -195,6 +195,7 @@ class _Session:
     loss: LossFunction
     state: TrainState
     use_amp: bool
+    requested: TrainParams  # as given: what a checkpoint is written for (``params`` may hold fitted epochs)
 
     def save(self, checkpoint: Path) -> None:
         """Write the resumable training state to ``checkpoint``."""
@@ -205,7 +206,7 @@ class _Session:
             scheduler=self.scheduler,
             scaler=self.scaler,
             state=self.state,
-            params=self.params.model_dump(mode="json"),
+            params=self.requested.model_dump(mode="json"),
         )
 
 
@@ -246,7 +247,7 @@ def train_segmentation(
     session = _start(params, train_cases[0].channels, seed, checkpoint)
     resumed_from, rank, world = session.state.epoch, session.collective.rank, session.collective.world_size
     dataset = _dataset(train_cases, params)
-    clock = _Clock(params)
+    clock = _Clock(params, session.state)
     for epoch in range(session.state.epoch + 1, params.epochs + 1):
         metrics = _run_epoch(session, dataset, seed, epoch)
         stop = rank == 0 and _validate_epoch(
@@ -294,8 +295,10 @@ def fit_steps_budget(params: TrainParams, samples: int, validates: bool, world: 
 class _Clock:
     """Wall-clock bookkeeping of a run: ``train/steps_per_s``, and a minutes budget's schedule."""
 
-    def __init__(self, params: TrainParams) -> None:
+    def __init__(self, params: TrainParams, state: TrainState) -> None:
         self.started = time.monotonic()
+        self.before = state.seconds  # training seconds of earlier sessions (a resumed run)
+        self.resumed_from = state.epoch
         self.steps = 0.0
         self.rate = 0.0
         self.seconds = (
@@ -309,12 +312,14 @@ class _Clock:
             StageError: the first epoch and its validation alone took longer than the budget.
 
         """
-        elapsed = time.monotonic() - self.started
+        here = time.monotonic() - self.started
+        elapsed = self.before + here
+        session.state.seconds = elapsed
         self.steps += metrics["train/steps"]
-        self.rate = self.steps / max(elapsed, 1e-9)
+        self.rate = self.steps / max(here, 1e-9)
         if not self.seconds:
             return False
-        per_epoch = elapsed / epoch
+        per_epoch = here / (epoch - self.resumed_from)
         if epoch == 1:
             if elapsed > self.seconds:
                 raise StageError(
@@ -323,6 +328,7 @@ class _Clock:
                     f"{2 * elapsed / 60:.0f} min or use fewer samples_per_image"
                 )
             fit = max(1, min(session.params.epochs, int(self.seconds // per_epoch)))
+            session.state.fitted_epochs = fit
             session.params = session.params.model_copy(update={"epochs": fit})
             _set_horizon(session.scheduler, fit)
         return epoch >= session.params.epochs or elapsed + per_epoch > self.seconds
@@ -381,8 +387,9 @@ def _start(params: TrainParams, channels: int, seed: int, checkpoint: Path | Non
             params=params.model_dump(mode="json"),
         )
     loss = build_loss(params.loss)
+    fitted = params.model_copy(update={"epochs": state.fitted_epochs}) if state.fitted_epochs else params
     return _Session(
-        params, collective, device, net, model, optimizer, scheduler, scaler, loss, state, use_amp
+        fitted, collective, device, net, model, optimizer, scheduler, scaler, loss, state, use_amp, params
     )
 
 

@@ -337,3 +337,38 @@ def test_budgets_too_small_for_one_validation_are_refused():
         train(tiny_params(budget={"minutes": 0.00001}))
     with pytest.raises(ValueError, match="give either steps or minutes"):
         tiny_params(budget={"steps": 10, "minutes": 5})
+
+
+def test_a_minutes_budget_fits_epochs_once_and_a_resumed_run_keeps_them(tmp_path, monkeypatch):
+    import itertools
+
+    import medseg.training.loop as loop
+
+    def ten_seconds_an_epoch() -> None:  # the run's clock: read at its start, then once per epoch
+        ticks = itertools.count(0.0, 10.0)
+        monkeypatch.setattr(loop.time, "monotonic", lambda: next(ticks))
+
+    params = tiny_params(epochs=50, budget={"minutes": 0.5})  # 30 s at 10 s an epoch: 3 epochs
+    ten_seconds_an_epoch()
+    uninterrupted, epochs = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
+    assert epochs == [1, 2, 3] and uninterrupted.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+
+    class CrashError(Exception):
+        pass
+
+    def crash_after_epoch_2(description, completed, total, status=""):
+        if completed == 2:
+            raise CrashError
+
+    checkpoint = tmp_path / "interrupted" / CHECKPOINT_FILE
+    checkpoint.parent.mkdir()
+    ten_seconds_an_epoch()
+    with pytest.raises(CrashError):
+        train(params, checkpoint=checkpoint, progress=crash_after_epoch_2)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert (saved["epoch"], saved["fitted_epochs"], saved["seconds"]) == (1, 3, 10.0)
+    ten_seconds_an_epoch()  # the resumed session counts its time on top of the 10 s already spent
+    resumed, epochs = train(params, checkpoint=checkpoint)
+    assert resumed.resumed_from == 1 and epochs == [2, 3]
+    assert same_weights(uninterrupted.last_state_dict, resumed.last_state_dict)
+    assert uninterrupted.history == resumed.history
