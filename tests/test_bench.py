@@ -75,7 +75,8 @@ def test_accuracy_benchmark_smoke(tmp_path):
     data = write_phantom_ctc(tmp_path / "phantom", frames=8, size=64)
     tiny = {"budget": {"steps": 2}, "patch_size": [32, 32], "samples_per_image": 2, "batch_size": 4}
     rows = bench_accuracy.run(data=data, train=tiny)
-    assert [row["method"] for row in rows] == ["medseg default 2D workflow", "plain MONAI script"]
+    assert rows[0]["method"] == "medseg default 2D workflow"
+    assert rows[1]["method"].startswith("plain MONAI script")  # on the fully annotated frames, if any
     assert all(0 <= row["seg"] <= 1 and row["n_reference"] > 0 for row in rows)
 
 
