@@ -8,8 +8,7 @@ medseg's train stage on the fully annotated frames among medseg's train and vali
 (what the data's README says a naive loss needs: on the sparse frames it learns that cells are
 background), then Gaussian sliding-window inference,
 argmax and connected components. Both are scored by the same code on the same held-out test
-split (SEG over all 27 test frames, 72 annotated cells; IoU/Dice on the fully annotated test
-frame). With ``NNUNET_PYTHON`` naming an interpreter that has ``nnunetv2`` installed, nnU-Net
+split (SEG over every annotated cell of the test frames; IoU/Dice on its fully annotated frames). With ``NNUNET_PYTHON`` naming an interpreter that has ``nnunetv2`` installed, nnU-Net
 v2's 2d configuration (its defaults, CPU) joins the table with the same budget and data
 (``bench/nnunet_baseline.py``); its foreground becomes instances by connected components.
 """
