@@ -181,3 +181,17 @@ def test_cli_predict_on_ray_and_a_clear_error_without_it(cluster, tmp_path, monk
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if medseg[ray] were not installed
     with pytest.raises(ConfigError, match=r"executor 'ray' needs Ray: pip install 'medseg\[ray\]'"):
         predict_cohort(model, [("a", cells)], tmp_path / "y", "nifti", executor=ExecutorParams(kind="ray"))
+
+
+def test_a_dicom_seg_segmented_on_ray_references_the_driver_s_series(cluster, identified_ct, tmp_path):
+    import pydicom
+
+    folder, series_uid = identified_ct
+    model = write_ct_export(tmp_path / "model")
+    executor = ExecutorParams(kind="ray", address=cluster.address, workers=1, cpus_per_worker=1)
+    (local,) = predict_cohort(model, [("ct", folder)], tmp_path / "local", "dicom-seg")
+    (remote,) = predict_cohort(model, [("ct", folder)], tmp_path / "ray", "dicom-seg", executor=executor)
+    assert remote.error is None and remote.voxels == local.voxels > 0
+    ours, theirs = pydicom.dcmread(remote.path), pydicom.dcmread(local.path)
+    assert ours.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid  # the worker saw 000001.dcm...
+    np.testing.assert_array_equal(ours.pixel_array, theirs.pixel_array)
