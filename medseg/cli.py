@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gc
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,6 +137,48 @@ def _quiet_libraries(workspace: Path | None = None) -> None:
     else:
         to_terminal.setLevel(logging.WARNING)
         logging.getLogger("medseg").addHandler(to_terminal)
+    if "torch" in sys.modules:
+        _torch_logs_to_root()
+    elif not any(isinstance(finder, _AfterTorchImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTorchImport())
+
+
+def _torch_logs_to_root() -> None:
+    """Take torch's own stderr handlers off its loggers, so that their records reach ours (the debug log).
+
+    torch gives ``torch`` and its registered sub-loggers (``torch.onnx``, ``torch.export``...) a
+    stderr handler each and stops them from propagating; the ONNX exporter's notes (e.g.
+    "torchvision is not installed") would otherwise reach the user's terminal.
+    """
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch.")):
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+                    logger.removeHandler(handler)
+            logger.propagate = True
+
+
+class _AfterTorchImport(importlib.abc.MetaPathFinder):
+    """Calls ``_torch_logs_to_root`` as soon as ``import torch`` has run (torch loads lazily)."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        """Wrap the loader of the ``torch`` package so that its execution ends by rerouting its logs."""
+        if fullname != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            _torch_logs_to_root()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) -> Any:

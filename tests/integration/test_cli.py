@@ -30,6 +30,7 @@ def test_demo_then_status_rerun_and_gc(tmp_path):
     assert re.search(r"eval/seg\s+│\s+0\.\d{4}", demo.stdout)
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/demo/.medseg/mlflow.db" in demo.stderr
     assert "Warning" not in demo.stderr + demo.stdout  # third-party warnings go to the debug log
+    assert not re.search(r"^[DIWE]\d{4} ", demo.stderr, re.MULTILINE)  # nor torch's own log lines
     debug_log = (tmp_path / "demo" / ".medseg" / "logs" / "debug.log").read_text()
     assert "py.warnings WARNING" in debug_log and "FutureWarning" in debug_log  # MONAI's, torch.export's
 
