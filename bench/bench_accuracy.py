@@ -6,10 +6,10 @@ script a researcher writes from the MONAI tutorials: the same U-Net, foreground 
 random 256² crops with flips and 90° rotations, Adam, trained for the same wall-clock seconds as
 medseg's train stage on the fully annotated frames among medseg's train and validation frames
 (what the data's README says a naive loss needs: on the sparse frames it learns that cells are
-background), then Gaussian sliding-window inference,
-argmax and connected components. Both are scored by the same code on the same held-out test
-split (SEG over every annotated cell of the test frames; IoU/Dice on its fully annotated frames). With ``NNUNET_PYTHON`` naming an interpreter that has ``nnunetv2`` installed, nnU-Net
-v2's 2d configuration (its defaults, CPU) joins the table with the same budget and data
+background), then Gaussian sliding-window inference, argmax and connected components. Both are
+scored by the same code on the same held-out test split (SEG over every annotated cell of the
+test frames; IoU/Dice on its fully annotated frames). With ``NNUNET_PYTHON`` naming an
+interpreter that has ``nnunetv2`` installed, nnU-Net v2's 2d configuration (its defaults, CPU) joins the table with the same budget and data
 (``bench/nnunet_baseline.py``); its foreground becomes instances by connected components.
 """
 
