@@ -9,8 +9,9 @@ medseg's train stage on the fully annotated frames among medseg's train and vali
 background), then Gaussian sliding-window inference, argmax and connected components. Both are
 scored by the same code on the same held-out test split (SEG over every annotated cell of the
 test frames; IoU/Dice on its fully annotated frames). With ``NNUNET_PYTHON`` naming an
-interpreter that has ``nnunetv2`` installed, nnU-Net v2's 2d configuration (its defaults, CPU) joins the table with the same budget and data
-(``bench/nnunet_baseline.py``); its foreground becomes instances by connected components.
+interpreter that has ``nnunetv2`` installed, nnU-Net v2's 2d configuration (its defaults, CPU)
+joins the table with the same budget and data (``bench/nnunet_baseline.py``); its foreground
+becomes instances by connected components.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ every cell; the other 26 outline 2 of about 23 cells each. Two runs of the shipp
 with every training value planned from the run's own data (as the GOWT1 example does), each with
 the same wall-clock training budget (``train.budget.minutes``; ``epochs`` only as a high cap):
 
-- ``fully_annotated``: the example as shipped (4 frames: train 2, val 1);
-- ``annotated``: every annotated frame trains (``ingest.train_on: annotated``); around each TRA
-  marker no outline covers, a region of the typical cell size is left out of the loss.
+- ``fully_annotated``: only the 4 fully annotated frames (train 2, val 1);
+- ``annotated``: every annotated frame trains (``ingest.train_on: annotated``, what the GOWT1
+  example ships); around each TRA marker no outline covers, a region of the typical cell size is
+  left out of the loss.
 
 Both exported models (with the post-processing each chose on its validation frames) segment
 the same held-out frames — the ``annotated`` run's test split minus the frames the other run
