@@ -149,7 +149,7 @@ def is_fully_annotated(label: np.ndarray, markers: np.ndarray | None) -> bool:
     return bool(np.array_equal(present, covered))
 
 
-def unannotated_regions(label: np.ndarray, markers: np.ndarray, *, scale: float = 1.5) -> np.ndarray:
+def unannotated_regions(label: np.ndarray, markers: np.ndarray, *, scale: float = 2.5) -> np.ndarray:
     """Where a sparsely annotated frame's unannotated objects lie: a mask to leave out of the loss.
 
     Every marker that touches no annotated object marks an object nobody outlined. Its region
@@ -160,7 +160,10 @@ def unannotated_regions(label: np.ndarray, markers: np.ndarray, *, scale: float 
     Args:
         label: instance labels ``(*spatial)`` (0 background).
         markers: CTC ``TRA`` markers of the same shape (one label per object).
-        scale: how far past the typical radius the region reaches.
+        scale: how far past the typical radius the region reaches. On GOWT1 01 (6 minutes of
+            planned training, 8 held-out frames) 1.5 cut large and elongated nuclei into pieces
+            (outer parts taught as background: SEG 0.363, DET 0.862, 35 objects per frame for 24
+            cells); 2.5 gave SEG 0.467, DET 0.967, 23 objects; 4.0 swallowed neighbours (DET 0.778).
 
     Returns:
         bool ``(*spatial)``; all False when every marker lies on an annotated object.
