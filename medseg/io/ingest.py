@@ -35,7 +35,7 @@ class IngestParams(Params):
     others not) out of training and validation: they would teach unannotated cells as
     background. They go to the test split, where SEG (per reference object) is valid.
     ``train_on: annotated`` trains on every annotated frame: around each ``TRA`` marker that
-    no outline covers, a region of the frame's typical cell size is left out of the loss
+    no outline covers, a ball of 2.5 typical cell radii of the frame is left out of the loss
     (``io.layouts.unannotated_regions``). ``train_on: all`` trains on every frame as it is.
     ``ignore_label``: voxels of this label value are unknown (partially labelled volumes,
     sparsely annotated slices) — left out of the loss and of overlap metrics (nnU-Net v2's
