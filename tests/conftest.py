@@ -53,8 +53,11 @@ def identified_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return folder, str(series)
 
 
-def write_ct_export(folder: Path) -> Path:
-    """An export folder of a small, untrained 3D U-Net for CT (seeded, so its output is fixed)."""
+def write_untrained_export(folder: Path, *, spatial_dims: int, seed: int, card: dict) -> Path:
+    """An export folder of a small, untrained 1-channel 2-class U-Net (seeded: its output is fixed).
+
+    ``card`` holds the model card's fields beyond the net's (name, preprocessing, inference...).
+    """
     import json
 
     import torch
@@ -63,15 +66,19 @@ def write_ct_export(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     params = NetParams(channels=(4, 8), strides=(2,), num_res_units=0)
-    torch.manual_seed(0)
-    net = build_net(params, spatial_dims=3, in_channels=1, out_channels=2)
+    torch.manual_seed(seed)
+    net = build_net(params, spatial_dims=spatial_dims, in_channels=1, out_channels=2)
     torch.save(net.state_dict(), folder / "weights.pt")
+    net_fields = {"spatial_dims": spatial_dims, "in_channels": 1, "out_channels": 2}
+    document = {**net_fields, "net": params.model_dump(mode="json"), **card}
+    (folder / "model_card.json").write_text(json.dumps(document))
+    return folder
+
+
+def write_ct_export(folder: Path) -> Path:
+    """An export folder of a small, untrained 3D U-Net for CT (seeded, so its output is fixed)."""
     card = {
         "name": "ct-body",
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 2,
-        "net": params.model_dump(mode="json"),
         "preprocessing": {
             "spatial_dims": 3,
             "channels": 1,
@@ -81,5 +88,4 @@ def write_ct_export(folder: Path) -> Path:
         "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "min_object_size": 0, "fill_holes": False},
         "segments": [{"number": 1, "label": "body", "category": ["91723000", "Anatomical Structure"]}],
     }
-    (folder / "model_card.json").write_text(json.dumps(card))
-    return folder
+    return write_untrained_export(folder, spatial_dims=3, seed=0, card=card)

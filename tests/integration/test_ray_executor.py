@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ from medseg.errors import ConfigError
 from medseg.inference.cohort import predict_cohort
 from medseg.inference.executors import ExecutorParams
 from medseg.io.readers import read_image
-from tests.conftest import CT_SERIES, GOWT1, require, write_ct_export
+from tests.conftest import CT_SERIES, GOWT1, require, write_ct_export, write_untrained_export
 from tests.integration.helpers import clean_env, run_cli
 
 pytestmark = pytest.mark.integration
@@ -42,26 +41,12 @@ def cluster(tmp_path_factory):
 
 def write_cell_export(folder: Path) -> Path:
     """An export folder of a small, untrained 2D U-Net for fluorescence frames (seeded: fixed output)."""
-    import torch
-
-    from medseg.nets.unet import NetParams, build_net
-
-    folder.mkdir(parents=True)
-    params = NetParams(channels=(4, 8), strides=(2,), num_res_units=0)
-    torch.manual_seed(3)
-    net = build_net(params, spatial_dims=2, in_channels=1, out_channels=2)
-    torch.save(net.state_dict(), folder / "weights.pt")
     card = {
         "name": "cells",
-        "spatial_dims": 2,
-        "in_channels": 1,
-        "out_channels": 2,
-        "net": params.model_dump(mode="json"),
         "preprocessing": {"spatial_dims": 2, "channels": 1, "normalize": {"method": "percentile"}},
         "inference": {"roi_size": [128, 128], "overlap": 0.25, "min_object_size": 0, "fill_holes": False},
     }
-    (folder / "model_card.json").write_text(json.dumps(card))
-    return folder
+    return write_untrained_export(folder, spatial_dims=2, seed=3, card=card)
 
 
 def tiff_cohort(folder: Path, frames: tuple[int, ...]) -> Path:

@@ -136,6 +136,15 @@ def train(params: TrainParams, **kwargs):
     return result, epochs
 
 
+class CrashError(Exception):
+    """Stands for a run killed during epoch 2 (before that epoch's checkpoint)."""
+
+
+def crash_after_epoch_2(description, completed, total, status=""):
+    if completed == 2:
+        raise CrashError
+
+
 def same_weights(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -154,13 +163,6 @@ def test_same_seed_same_weights_and_another_seed_differs():
 def test_resume_from_checkpoint_ends_identical_to_an_uninterrupted_run(tmp_path):
     params = tiny_params()
     uninterrupted, _ = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
-
-    class CrashError(Exception):
-        pass
-
-    def crash_after_epoch_2(description, completed, total, status=""):
-        if completed == 2:
-            raise CrashError
 
     checkpoint = tmp_path / "interrupted" / CHECKPOINT_FILE
     checkpoint.parent.mkdir()
@@ -352,13 +354,6 @@ def test_a_minutes_budget_fits_epochs_once_and_a_resumed_run_keeps_them(tmp_path
     ten_seconds_an_epoch()
     uninterrupted, epochs = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
     assert epochs == [1, 2, 3] and uninterrupted.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
-
-    class CrashError(Exception):
-        pass
-
-    def crash_after_epoch_2(description, completed, total, status=""):
-        if completed == 2:
-            raise CrashError
 
     checkpoint = tmp_path / "interrupted" / CHECKPOINT_FILE
     checkpoint.parent.mkdir()
