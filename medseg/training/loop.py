@@ -23,6 +23,7 @@ from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
 from medseg.nets.unet import build_net
 from medseg.threads import loader_threads
+from medseg.training.augment import known_centres
 from medseg.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from medseg.training.losses import LossFunction, build_loss
 from medseg.training.optim import build_optimizer
@@ -135,10 +136,14 @@ def check_cases(cases: Sequence[TrainingCase], params: TrainParams, split: str) 
 
 
 def prepare_sample(case: TrainingCase, params: TrainParams) -> dict[str, np.ndarray]:
-    """The training sample of a case: image, class target and (weighted losses) loss weights."""
+    """The training sample of a case: image, class target and (weighted losses) loss weights.
+
+    A case with unknown voxels also carries the known voxels its patches may centre on
+    (``augment.known_centres``).
+    """
     image, instances = case.load()
     target = make_target(instances, params.target, params.border_width)
-    sample = {"image": image, "label": target}
+    sample = {"image": image, "label": target, **known_centres(target)}
     if params.loss.weighted:
         known = np.maximum(instances, 0)
         sample["weight"] = border_weight_map(known, w0=params.loss.w0, sigma=params.loss.sigma)
@@ -146,7 +151,10 @@ def prepare_sample(case: TrainingCase, params: TrainParams) -> dict[str, np.ndar
 
 
 def sample_bytes(case: TrainingCase, params: TrainParams) -> int:
-    """Memory of a prepared sample in bytes (image float32, target uint8, weights float32)."""
+    """Memory of a prepared sample in bytes (image float32, target uint8, weights float32).
+
+    A case with unknown voxels also holds up to 4 bytes per voxel of patch-centre indices.
+    """
     voxels = math.prod(case.shape)
     return voxels * (4 * case.channels + 1 + (4 if params.loss.weighted else 0))
 

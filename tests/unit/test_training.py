@@ -13,10 +13,17 @@ from medseg.demo import phantom_frame
 from medseg.errors import DataError, StageError
 from medseg.inference.predict import boundary_to_instances
 from medseg.nets.unet import NetParams, build_net
+from medseg.training.augment import train_transforms
 from medseg.training.checkpoint import CHECKPOINT_FILE
-from medseg.training.loop import TrainingCase, train_segmentation
+from medseg.training.loop import TrainingCase, prepare_sample, train_segmentation
 from medseg.training.params import TrainParams
-from medseg.training.targets import border_weight_map, boundary_target, class_balance_weights
+from medseg.training.targets import (
+    IGNORE_CLASS,
+    IGNORED,
+    border_weight_map,
+    boundary_target,
+    class_balance_weights,
+)
 
 
 def two_touching_squares() -> np.ndarray:
@@ -52,6 +59,36 @@ def test_unseeded_foreground_becomes_its_own_object_and_small_ones_drop():
     classes[8, 8] = 2  # a single stray pixel
     instances = boundary_to_instances(classes, min_size=4, fill_holes=False)
     assert instances.max() == 1 and np.count_nonzero(instances) == 16
+
+
+@pytest.mark.parametrize("objects", [True, False])
+def test_object_patches_centre_on_annotated_objects_never_on_unknown_voxels(objects):
+    instances = np.zeros((64, 64), np.int32)
+    instances[20:44, 20:44] = IGNORED  # an unannotated cell's left-out region, 576 px
+    if objects:
+        instances[50:54, 10:14] = 1  # the one outlined cell, 16 px
+    params = TrainParams(patch_size=(8, 8), samples_per_image=64)
+    sample = prepare_sample(TrainingCase.in_memory("c", np.zeros((1, 64, 64), np.float32), instances), params)
+    transforms = train_transforms(
+        params.model_copy(
+            update={
+                "augment": params.augment.model_copy(
+                    update={"flip": False, "rotate90": False, "rotate": 0.0, "elastic": 0.0, "intensity": 0.0}
+                )
+            }
+        )
+    )
+    transforms.set_random_state(0)
+    patches = transforms(sample)
+    centres = np.array([int(patch["label"][0, 4, 4]) for patch in patches])
+    assert not (centres == IGNORE_CLASS).any()  # before: about half the patches centred there
+    on_cell = int((centres > 0).sum())  # each patch is drawn on a cell with probability 1/2
+    assert 16 < on_cell < 48 if objects else on_cell == 0
+    assert set(patches[0]) == {"image", "label"}  # the index arrays do not reach the batch
+    plain = prepare_sample(
+        TrainingCase.in_memory("c", np.zeros((1, 64, 64), np.float32), np.maximum(instances, 0)), params
+    )
+    assert set(plain) == {"image", "label"}  # fully annotated: MONAI finds the centres itself
 
 
 def test_class_balance_weights_give_objects_and_background_equal_totals():
