@@ -5,8 +5,9 @@ Run by ``bench_accuracy`` with the interpreter named by ``NNUNET_PYTHON`` (a sep
 pins its own dependencies. It imports nothing from medseg.
 
 Usage: ``python nnunet_baseline.py DATASET WORKDIR SECONDS``. DATASET is an ingested dataset
-(``dataset.json`` + ``cases/*/image.nii.gz, label.nii.gz``); nnU-Net gets the train split as
-PNG (images scaled to uint16, labels foreground 0/1), plans and preprocesses the ``2d``
+(``dataset.json`` + ``cases/*/image.nii.gz, label.nii.gz``); nnU-Net gets the train and val
+splits as PNG (images scaled to uint16, labels foreground 0/1, unknown voxels its ignore label 2;
+fold ``all`` needs no validation split of its own), plans and preprocesses the ``2d``
 configuration with its defaults, trains fold ``all`` for SECONDS of wall clock (its own loop:
 epochs of 250 iterations are cut to 5, and the clock is read after each epoch, so at least one
 epoch runs), and predicts the test split with its default inference (Gaussian tiles,
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 DATASET_ID, DATASET_NAME = 777, "Dataset777_MedsegBench"
+IGNORE = 2
 
 
 def write_png(array: np.ndarray, path: Path) -> None:
@@ -35,24 +37,38 @@ def write_png(array: np.ndarray, path: Path) -> None:
 
 
 def export_raw(dataset: Path, raw: Path) -> list[str]:
-    """Write the nnU-Net raw dataset (train split) and the test images; return test case ids."""
+    """Write the nnU-Net raw dataset (train and val splits) and the test images; return test ids.
+
+    A case's unknown voxels (medseg's ``ignore`` mask: the left-out regions around unannotated
+    cells of a sparse CTC frame) get nnU-Net v2's ignore label, its own way of training on
+    sparse annotation.
+    """
     index = json.loads((dataset / "dataset.json").read_text())
     cases = {case["case_id"]: case for case in index["cases"]}
     folder = raw / DATASET_NAME
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    for split, target in (("train", "imagesTr"), ("test", "imagesTs")):
-        for case_id in index["splits"][split]:
-            image = np.asarray(nib.load(dataset / cases[case_id]["image"]).dataobj, dtype=np.float32)
-            scaled = np.clip(image * 10000, 0, 65535).astype(np.uint16)
-            write_png(scaled, folder / target / f"{case_id}_0000.png")
-            if split == "train":
-                label = np.asarray(nib.load(dataset / cases[case_id]["label"]).dataobj) > 0
-                write_png(label.astype(np.uint8), folder / "labelsTr" / f"{case_id}.png")
+    training = [*index["splits"]["train"], *index["splits"]["val"]]
+    partial = False
+    for case_id in [*training, *index["splits"]["test"]]:
+        record = cases[case_id]
+        image = np.asarray(nib.load(dataset / record["image"]).dataobj, dtype=np.float32)
+        scaled = np.clip(image * 10000, 0, 65535).astype(np.uint16)
+        write_png(
+            scaled, folder / ("imagesTr" if case_id in training else "imagesTs") / f"{case_id}_0000.png"
+        )
+        if case_id in training:
+            label = (np.asarray(nib.load(dataset / record["label"]).dataobj) > 0).astype(np.uint8)
+            if record.get("ignore"):
+                unknown = np.asarray(nib.load(dataset / record["ignore"]).dataobj).reshape(label.shape) > 0
+                label[unknown & (label == 0)] = IGNORE
+                partial = True
+            write_png(label, folder / "labelsTr" / f"{case_id}.png")
+    labels = {"background": 0, "cell": 1, **({"ignore": IGNORE} if partial else {})}
     meta = {
         "channel_names": {"0": "fluorescence"},
-        "labels": {"background": 0, "cell": 1},
-        "numTraining": len(index["splits"]["train"]),
+        "labels": labels,
+        "numTraining": len(training),
         "file_ending": ".png",
     }
     (folder / "dataset.json").write_text(json.dumps(meta))
