@@ -29,7 +29,7 @@ import torch
 import yaml
 
 import medseg
-from medseg.resources import shipped_dir
+from bench.examples import example_workflow
 from medseg.tracking.base import NullTracker
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ctc" / "Fluo-N2DH-GOWT1"
@@ -140,10 +140,8 @@ def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[di
     from medseg.io.dataset import load_case, load_markers, read_index
     from medseg.metrics.evaluate import evaluate_case, summarize
 
-    example = yaml.safe_load((shipped_dir("workflows") / "gowt1_unet2d.yaml").read_text())
     with tempfile.TemporaryDirectory() as folder:
-        document = {**example, "inputs": {"data": str(data)}}
-        document["params"] = {**example["params"], "train": {**example["params"]["train"], **(train or {})}}
+        document = example_workflow("gowt1_unet2d.yaml", data, train)
         path = Path(folder) / "study.yaml"
         path.write_text(yaml.safe_dump(document))
         result = medseg.run_workflow(path, workspace=Path(folder) / "ws", tracker=NullTracker())

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 import medseg
-from medseg.resources import shipped_dir
+from bench.examples import example_workflow
 from medseg.tracking.base import NullTracker
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,10 +49,7 @@ HAND_SET_3D = {
 
 def _run(example: str, root: Path, *, data: Path, name: str, **changes: Any) -> medseg.WorkflowResult:
     """Run a shipped example with its data path, train params and top-level keys changed."""
-    document = yaml.safe_load((shipped_dir("workflows") / example).read_text())
-    train = {**document["params"].get("train", {}), **changes.pop("train", {})}
-    document = {**document, **changes, "name": name, "inputs": {"data": str(data)}}
-    document["params"] = {**document["params"], "train": train, "export": {"mlflow_model": False}}
+    document = example_workflow(example, data, changes.pop("train", {}), **changes, name=name)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return medseg.run_workflow(path, workspace=root / "ws", tracker=NullTracker())

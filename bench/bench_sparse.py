@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 import medseg
+from bench.examples import WEIGHTS_EXPORT
 from medseg.io.dataset import read_index
 from medseg.io.readers import read_image, write_image
 from medseg.io.volume import Volume
@@ -57,7 +58,7 @@ def _run(
             "ingest": {"sequence": "01", "train_on": mode, "split": split},
             "train": train,
             "evaluate": {"split": "test"},
-            "export": {"mlflow_model": False},
+            "export": WEIGHTS_EXPORT,
         },
     }
     path = root / f"{mode}.yaml"

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 import medseg
-from medseg.resources import shipped_dir
+from bench.examples import example_workflow
 from medseg.tracking.base import NullTracker
 
 VARIANTS = {
@@ -39,16 +39,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ctc" / "Fluo-N
 
 def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[dict[str, object]]:
     """One row per variant; ``data``/``train`` shrink the run for the smoke test."""
-    example = yaml.safe_load((shipped_dir("workflows") / "gowt1_unet2d.yaml").read_text())
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, overrides in VARIANTS.items():
-            document = dict(example)
-            document["inputs"] = {"data": str(data)}
-            document["params"] = {
-                **example["params"],
-                "train": {**example["params"]["train"], **(train or {}), **overrides},
-            }
+            document = example_workflow("gowt1_unet2d.yaml", data, {**(train or {}), **overrides})
             path = Path(folder) / f"{len(rows)}.yaml"
             path.write_text(yaml.safe_dump(document))
             result = medseg.run_workflow(path, workspace=Path(folder) / "ws", tracker=NullTracker())
