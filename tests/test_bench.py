@@ -20,13 +20,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_pipeline_benchmark_smoke():
-    rows = bench_pipeline.run(repetitions=1, epochs=1, frames=4, size=64)
+    rows = bench_pipeline.run(repetitions=1, epochs=1, frames=4, size=64, weights_only=True)
     assert [row["benchmark"] for row in rows] == [
         "rerun, 0 stages executed (tracking daemon warm)",
         "medseg --help",
     ]
     assert all(row["medseg_s"] > 0 and row["baseline_s"] > 0 for row in rows)
-    rows = bench_pipeline.concurrency(epochs=1, frames=4, size=64, baseline=False)
+    rows = bench_pipeline.concurrency(epochs=1, frames=4, size=64, baseline=False, weights_only=True)
     assert rows[0]["medseg_s"] > 0 and rows[0]["baseline_s"] > 0
 
 

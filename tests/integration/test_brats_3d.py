@@ -24,6 +24,7 @@ def test_brats_3d_example_runs_end_to_end(tmp_path):
     document = yaml.safe_load(example.read_text())
     document["inputs"]["data"] = str((example.parent / document["inputs"]["data"]).resolve())
     document["params"]["train"]["budget"] = {"steps": 120}
+    document["params"]["export"] = {"mlflow_model": False, "torch_export": False}  # tested in 2D
     workflow = tmp_path / "brats_unet3d.yaml"
     workflow.write_text(yaml.safe_dump(document))
     completed = run_cli("run", str(workflow), "--workspace", str(tmp_path / "ws"), cwd=tmp_path)

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.integration
 
 def _seeded(tmp_path, phantom_dir, seeds):
     path = write_workflow(
-        tmp_path, phantom_dir, name="seeded", params={"train": FAST_TRAIN}, experiment="seeded"
+        tmp_path,
+        phantom_dir,
+        name="seeded",
+        params={"train": FAST_TRAIN, "export": {"mlflow_model": False}},
+        experiment="seeded",
     )
     document = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**document, "seeds": seeds}))
