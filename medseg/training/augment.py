@@ -52,6 +52,20 @@ def known_centres(target: np.ndarray) -> dict[str, np.ndarray]:
     return {FOREGROUND_CENTRES: objects if objects.size else background, BACKGROUND_CENTRES: background}
 
 
+def rotation_plane(patch_size: tuple[int, ...]) -> tuple[int, int] | None:
+    """The plane (two spatial axes) where a 90° rotation keeps the patch's shape, or None.
+
+    A rotation swaps the plane's two axes, so they must be equally long: a planned 224 × 256
+    patch (frames of 416 × 496) rotated would not stack with unrotated ones in a batch. The
+    first such plane in axis order (``(0, 1)`` for a square or ``48 × 48 × 64`` patch).
+    """
+    for first in range(len(patch_size)):
+        for second in range(first + 1, len(patch_size)):
+            if patch_size[first] == patch_size[second]:
+                return first, second
+    return None
+
+
 def train_transforms(params: TrainParams) -> Any:
     """Foreground/background-balanced patches, flips, rotations, elastic deformation, intensity.
 
@@ -79,8 +93,9 @@ def train_transforms(params: TrainParams) -> Any:
     ]
     if augment.flip:
         steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in spatial_axes]
-    if augment.rotate90:
-        steps.append(mt.RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1)))
+    plane = rotation_plane(params.patch_size) if augment.rotate90 else None
+    if plane is not None:
+        steps.append(mt.RandRotate90d(keys, prob=0.5, spatial_axes=plane))
     angle = math.radians(augment.rotate)
     if augment.elastic > 0:
         elastic = mt.Rand2DElasticd if params.spatial_dims == 2 else mt.Rand3DElasticd

@@ -23,6 +23,8 @@ class AugmentParams(Params):
     ``elastic_scale`` voxels (``Rand3DElasticd``). ``elastic_magnitude`` scales the
     displacements (voxels). ``rotate`` is the largest random rotation in degrees; it is
     applied with the elastic deformation when that is on (one interpolation), else alone.
+    ``rotate90`` turns patches by 90° in a plane of two equally long patch axes, and not at
+    all when no two are equal (``augment.rotation_plane``).
     """
 
     flip: bool = True

@@ -13,7 +13,7 @@ from medseg.demo import phantom_frame
 from medseg.errors import DataError, StageError
 from medseg.inference.predict import boundary_to_instances
 from medseg.nets.unet import NetParams, build_net
-from medseg.training.augment import train_transforms
+from medseg.training.augment import rotation_plane, train_transforms
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import TrainingCase, prepare_sample, train_segmentation
 from medseg.training.params import TrainParams
@@ -89,6 +89,38 @@ def test_object_patches_centre_on_annotated_objects_never_on_unknown_voxels(obje
         TrainingCase.in_memory("c", np.zeros((1, 64, 64), np.float32), np.maximum(instances, 0)), params
     )
     assert set(plain) == {"image", "label"}  # fully annotated: MONAI finds the centres itself
+
+
+@pytest.mark.parametrize(
+    ("patch_size", "plane"),
+    [((16, 16), (0, 1)), ((16, 24), None), ((8, 16, 8), (0, 2)), ((8, 8, 16), (0, 1))],
+)
+def test_patches_that_are_not_square_keep_their_shape_through_augmentation(patch_size, plane):
+    """A 90° turn swaps two axes: only a plane of equal axes turns (a 224 × 256 plan crashed collate)."""
+    assert rotation_plane(patch_size) == plane
+    shape = tuple(2 * size for size in patch_size)
+    instances = np.zeros(shape, np.int32)
+    instances[tuple(slice(2, size - 2) for size in shape)] = 1
+    gradient = np.arange(math.prod(shape), dtype=np.float32).reshape(1, *shape)
+    params = TrainParams(
+        spatial_dims=len(patch_size),
+        patch_size=patch_size,
+        samples_per_image=16,
+        net={"channels": [4, 8], "strides": [2]},
+        augment={"flip": False, "rotate90": True, "intensity": 0.0},
+    )
+    transforms = train_transforms(params)
+    transforms.set_random_state(0)
+    patches = transforms(prepare_sample(TrainingCase.in_memory("c", gradient, instances), params))
+    assert {tuple(patch["image"].shape[1:]) for patch in patches} == {patch_size}
+    assert {tuple(patch["label"].shape[1:]) for patch in patches} == {patch_size}
+    axis = 0 if plane is None else plane[0]  # a turned patch steps along this axis by another
+    step = tuple(1 if position == axis else 0 for position in range(len(shape)))  # axis's stride
+    strides = {
+        abs(round(float(patch["image"][(0, *step)] - patch["image"][(0,) * (len(shape) + 1)])))
+        for patch in patches
+    }
+    assert len(strides) == (1 if plane is None else 2)
 
 
 def test_class_balance_weights_give_objects_and_background_equal_totals():
