@@ -27,15 +27,24 @@ def free_port() -> int:
 
 
 def write_workflow(
-    folder: Path, data: Path, *, name: str, params: dict, experiment: str, torch_export: bool = False
+    folder: Path,
+    data: Path,
+    *,
+    name: str,
+    params: dict,
+    experiment: str,
+    torch_export: bool = False,
+    mlflow_model: bool = False,
 ) -> Path:
     """Write a unet2d workflow binding ``data`` with ``params`` overrides; return its path.
 
     The export skips the ``torch.export`` program unless ``torch_export`` (2-4 s per export;
-    ``test_demo_workflow.py`` exports and checks it).
+    ``test_demo_workflow.py`` exports and checks it) and the MLflow model unless
+    ``mlflow_model`` (several seconds; ``test_demo_workflow.py`` and ``test_export_predict.py``
+    are its tests).
     """
-    if not torch_export:
-        params = {**params, "export": {"torch_export": False, **params.get("export", {})}}
+    export = {"torch_export": torch_export, "mlflow_model": mlflow_model}
+    params = {**params, "export": {**export, **params.get("export", {})}}
     path = folder / f"{name}.yaml"
     document = {
         "pipeline": "unet2d",

@@ -25,7 +25,9 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     calls = spy_on_stages(monkeypatch)
     workspace = root / "ws"
     params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
-    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e", torch_export=True)
+    workflow = write_workflow(
+        root, data, name="phantom", params=params, experiment="e2e", torch_export=True, mlflow_model=True
+    )
 
     first = medseg.run_workflow(workflow, workspace=workspace)
     assert first.executed == ["ingest", "train", "postprocess", "evaluate", "export"]
@@ -45,6 +47,7 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
         params={**params, "train": {**FAST_TRAIN, "optim": {"lr": 0.01}}},
         experiment="e2e",
         torch_export=True,
+        mlflow_model=True,
     )
     third = medseg.run_workflow(changed, workspace=workspace)
     assert third.executed == ["train", "postprocess", "evaluate", "export"] and third.cached == ["ingest"]
@@ -105,7 +108,9 @@ def run_phantom(study):
     """The phantom study with the fast train params (cached after its first run)."""
     root, data = study
     params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
-    workflow = write_workflow(root, data, name="phantom", params=params, experiment="e2e", torch_export=True)
+    workflow = write_workflow(
+        root, data, name="phantom", params=params, experiment="e2e", torch_export=True, mlflow_model=True
+    )
     return medseg.run_workflow(workflow, workspace=root / "ws"), data
 
 

@@ -36,7 +36,9 @@ def registered(tmp_path_factory):
         "train": FAST_TRAIN,
         "export": {"register_as": "phantom-cells", "aliases": ["champion"], "segment": {"label": "cell"}},
     }
-    workflow = write_workflow(root, data, name="registered", params=params, experiment="registry")
+    workflow = write_workflow(
+        root, data, name="registered", params=params, experiment="registry", mlflow_model=True
+    )
     result = medseg.run_workflow(workflow, workspace=root / "ws")
     return root, data, result
 

@@ -19,7 +19,6 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     params = {
         "ingest": {"split": {"val_fraction": 0.25, "test_fraction": 0.25}},
         "train": {"epochs": 2, "patch_size": [128, 128], "samples_per_image": 2, "batch_size": 4},
-        "export": {"mlflow_model": False},  # the MLflow model is tested in test_demo_workflow.py
     }
     workflow = write_workflow(tmp_path, data, name="gowt1-2ep", params=params, experiment="gowt1-test")
     result = medseg.run_workflow(workflow, workspace=tmp_path / "ws")

@@ -36,7 +36,6 @@ def test_basic_auth_server_records_runs_only_with_credentials(tmp_path):
         params = {
             "ingest": {"train_on": "all"},
             "train": {"epochs": 1, "patch_size": [32, 32], "batch_size": 2},
-            "export": {"mlflow_model": False},  # credentials are the subject, not the model upload
         }
         workflow = write_workflow(tmp_path, data, name="auth", params=params, experiment="auth")
         anonymous = run_cli("run", str(workflow), "--workspace", str(tmp_path / "ws1"),

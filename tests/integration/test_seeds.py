@@ -22,7 +22,7 @@ def _seeded(tmp_path, phantom_dir, seeds):
         tmp_path,
         phantom_dir,
         name="seeded",
-        params={"train": FAST_TRAIN, "export": {"mlflow_model": False}},
+        params={"train": FAST_TRAIN},
         experiment="seeded",
     )
     document = yaml.safe_load(path.read_text())

@@ -59,7 +59,7 @@ def checkpoint_epoch(workspace: Path) -> int:
 def workflow(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     data = write_phantom_ctc(root / "data", frames=8, size=64, seed=4)
-    params = {"ingest": {"train_on": "all"}, "train": TRAIN, "export": {"mlflow_model": False}}
+    params = {"ingest": {"train_on": "all"}, "train": TRAIN}
     return write_workflow(root, data, name="runs", params=params, experiment="runs")
 
 
