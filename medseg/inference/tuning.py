@@ -9,7 +9,9 @@ stored class maps (and interior probabilities) and scored with the task's measur
 
 Candidates: minimum object size as fractions of the training objects' median size (and 0),
 hole filling on/off, the seed threshold of the boundary target (interior probability, or the
-argmax), and keep-largest-component for semantic labels. The current settings are tried
+argmax), splitting objects with several distance-map peaks (instance labels; the split radius
+half the training objects' typical radius, ``predict.split_touching``) on/off, and
+keep-largest-component for semantic labels. The current settings are tried
 first and kept unless a candidate scores higher.
 """
 
@@ -22,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from medseg.inference.predict import drop_small, instances_from_classes
+from medseg.inference.predict import drop_small, instances_from_classes, split_touching
 from medseg.inference.settings import InferenceSettings
 from medseg.metrics.evaluate import EvaluationSummary, evaluate_case, summarize
 
@@ -31,6 +33,8 @@ SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 """Candidate minimum object sizes, as fractions of the median training object size."""
 SEED_THRESHOLDS = (0.35, 0.5, 0.65, 0.8)
 """Candidate interior-probability thresholds for boundary-target seeds (besides the argmax)."""
+SPLIT_FRACTION = 0.5
+"""The candidate split radius, as a fraction of the typical radius of the training objects."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class CandidateScore:
     fill_holes: bool
     seed_threshold: float | None
     keep_largest: bool
+    split_radius: float | None
     score: float
     seg: float
     det: float
@@ -77,6 +82,7 @@ class CandidateScore:
         """The candidate as a row of the candidates table."""
         row = dict(self.__dict__)
         row["seed_threshold"] = "argmax" if self.seed_threshold is None else self.seed_threshold
+        row["split_radius"] = "off" if self.split_radius is None else self.split_radius
         return row
 
 
@@ -109,6 +115,20 @@ def candidate_sizes(object_sizes: np.ndarray, current: int) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
+def candidate_split_radii(
+    object_sizes: np.ndarray, current: float | None, spatial_dims: int
+) -> list[float | None]:
+    """Split radii to try (voxels): the current one, none, and ``SPLIT_FRACTION`` of the typical radius.
+
+    The typical radius is that of a disc (2D) or ball (3D) of the median training object size.
+    """
+    median = float(np.median(object_sizes)) if object_sizes.size else 0.0
+    if median <= 0:
+        return list(dict.fromkeys([current, None]))
+    typical = math.sqrt(median / math.pi) if spatial_dims == 2 else (3 * median / (4 * math.pi)) ** (1 / 3)
+    return list(dict.fromkeys([current, None, round(SPLIT_FRACTION * typical, 2)]))
+
+
 def choose_postprocessing(
     cases: Sequence[ValidationCase],
     current: InferenceSettings,
@@ -132,18 +152,22 @@ def choose_postprocessing(
         thresholds += [None, *SEED_THRESHOLDS]
     sizes = candidate_sizes(object_sizes, current.min_object_size)
     keeps = list(dict.fromkeys([current.keep_largest] + ([] if instance_labels else [False, True])))
+    dims = cases[0].classes.ndim if cases else 2
+    splits = candidate_split_radii(object_sizes, current.split_radius, dims) if instance_labels else [None]
     scores: list[CandidateScore] = []
     for fill in dict.fromkeys([current.fill_holes, True, False]):
         for threshold in dict.fromkeys(thresholds):
-            unfiltered = [_instances(case, current, fill, threshold) for case in cases]
-            for keep in keeps:
-                for size in sizes:
-                    predictions = [
-                        drop_small(labels, int(labels.max(initial=0)), size, keep_largest=keep)
-                        for labels in unfiltered
-                    ]
-                    summary = _score(cases, predictions)
-                    scores.append(_candidate(size, fill, threshold, keep, summary, measure))
+            whole = [_instances(case, current, fill, threshold) for case in cases]
+            for split in splits:
+                unfiltered = whole if split is None else [split_touching(labels, split) for labels in whole]
+                for keep in keeps:
+                    for size in sizes:
+                        predictions = [
+                            drop_small(labels, int(labels.max(initial=0)), size, keep_largest=keep)
+                            for labels in unfiltered
+                        ]
+                        summary = _score(cases, predictions)
+                        scores.append(_candidate(size, fill, threshold, keep, split, summary, measure))
     best = scores[0]
     for candidate in scores[1:]:
         if candidate.score > best.score + 1e-9 or (
@@ -155,6 +179,7 @@ def choose_postprocessing(
         fill_holes=best.fill_holes,
         seed_threshold=best.seed_threshold,
         keep_largest=best.keep_largest,
+        split_radius=best.split_radius,
     )
     return PostprocessingChoice(settings, measure, best, tuple(scores))
 
@@ -163,7 +188,7 @@ def _instances(
     case: ValidationCase, current: InferenceSettings, fill: bool, threshold: float | None
 ) -> np.ndarray:
     settings = current.with_postprocessing(
-        min_object_size=0, fill_holes=fill, seed_threshold=threshold, keep_largest=False
+        min_object_size=0, fill_holes=fill, seed_threshold=threshold, keep_largest=False, split_radius=None
     )
     seeds = None if threshold is None or case.interior is None else case.interior >= threshold
     return instances_from_classes(case.classes, settings, seeds=seeds)
@@ -190,6 +215,7 @@ def _candidate(
     fill: bool,
     threshold: float | None,
     keep: bool,
+    split: float | None,
     summary: EvaluationSummary,
     measure: Measure,
 ) -> CandidateScore:
@@ -199,6 +225,7 @@ def _candidate(
         fill_holes=fill,
         seed_threshold=threshold,
         keep_largest=keep,
+        split_radius=split,
         score=values[measure],
         seg=summary.seg,
         det=summary.det,

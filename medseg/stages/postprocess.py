@@ -63,11 +63,11 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 4
+    version = 5
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
-    description = "choose post-processing on validation: object size, holes, seed threshold, largest object"
+    description = "choose post-processing on validation: object size, holes, seeds, splits, largest object"
 
     def execute(
         self,
@@ -168,7 +168,13 @@ class Postprocess(Stage[PostprocessParams]):
             {
                 **{
                     f"postprocess.chosen.{name}": chosen[name]
-                    for name in ("min_object_size", "fill_holes", "seed_threshold", "keep_largest")
+                    for name in (
+                        "min_object_size",
+                        "fill_holes",
+                        "seed_threshold",
+                        "keep_largest",
+                        "split_radius",
+                    )
                 },
                 "postprocess.measure": choice.measure,
             }

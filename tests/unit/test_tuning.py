@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.inference.predict import instances_from_classes
+from medseg.inference.predict import instances_from_classes, split_touching
 from medseg.inference.settings import InferenceSettings
 from medseg.inference.tuning import (
     ValidationCase,
     candidate_sizes,
+    candidate_split_radii,
     choose_postprocessing,
     selection_measure,
     training_object_sizes,
@@ -98,3 +99,49 @@ def test_fragments_where_the_label_is_unknown_do_not_steer_the_choice():
     choice = choose_postprocessing([ignored], SETTINGS, object_sizes=sizes, instance_labels=True)
     assert choice.baseline.f1 == 1.0 and choice.baseline.objects_per_case == 4  # as evaluation scores it
     assert choice.settings.min_object_size == 0  # nothing to remove: the trained settings stay
+
+
+def _discs(centres: list[tuple[int, int]], radius: float, shape=(40, 64)) -> np.ndarray:
+    """Instance labels of discs (numbered in order; a later disc overwrites an earlier one)."""
+    ys, xs = np.indices(shape)
+    labels = np.zeros(shape, np.int32)
+    for number, (y, x) in enumerate(centres, start=1):
+        labels[(ys - y) ** 2 + (xs - x) ** 2 <= radius**2] = number
+    return labels
+
+
+def test_split_touching_divides_two_merged_discs_and_leaves_convex_objects_whole():
+    reference = _discs([(20, 20), (20, 36)], 9)  # two discs of radius 9 overlapping by 2 px
+    merged = (reference > 0).astype(np.int32)
+    split = split_touching(merged, 3.0)
+    assert split.max() == 2
+    for number in (1, 2):  # each half is one disc, but for its share of the lens where they overlap
+        overlap = np.bincount(split[reference == number])
+        assert overlap.argmax() > 0 and overlap.max() >= 0.95 * (reference == number).sum()
+    bar = np.zeros((40, 64), np.int32)
+    bar[15:25, 5:60] = 7  # an elongated object: its distance map is one ridge, one peak
+    assert np.array_equal(split_touching(bar, 3.0), (bar > 0).astype(np.int32))
+    disc = _discs([(20, 30)], 12)
+    assert np.array_equal(split_touching(disc, 3.0), disc)
+    assert split_touching(disc, 13.0).max() == 1  # no peak that deep: left whole
+
+
+def test_split_radius_is_chosen_when_validation_cells_came_out_merged():
+    reference = _discs([(20, 14), (20, 30), (20, 50)], 9)  # two touching cells and one apart
+    markers = np.zeros_like(reference)
+    for number, (y, x) in enumerate([(20, 14), (20, 30), (20, 50)], start=1):
+        markers[y, x] = number
+    classes = (reference > 0).astype(np.uint8)  # the net saw no gap between the touching pair
+    case = ValidationCase("c", classes, None, reference, markers, True)
+    sizes = training_object_sizes([reference], instance_labels=True)
+    radius = round(0.5 * np.sqrt(np.median(sizes) / np.pi), 2)
+    assert candidate_split_radii(sizes, None, 2) == [None, radius]
+    assert candidate_split_radii(np.array([4189]), None, 3) == [None, 5.0]  # a ball of radius 10
+    choice = choose_postprocessing([case], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.baseline.objects_per_case == 2 and choice.baseline.seg < 0.7  # one cell lost
+    assert choice.chosen.objects_per_case == 3 and choice.chosen.seg > 0.95 and choice.chosen.det == 1.0
+    assert choice.settings.split_radius == radius
+    assert instances_from_classes(classes, choice.settings).max() == 3  # inference splits the same way
+    assert (
+        choice.chosen.as_row()["split_radius"] == radius and choice.baseline.as_row()["split_radius"] == "off"
+    )
