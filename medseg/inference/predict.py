@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import torch
@@ -117,20 +116,21 @@ def boundary_to_instances(
     return drop_small(labels, count + extra, min_size)
 
 
-def split_touching(labels: np.ndarray, radius: float) -> np.ndarray:
-    """Divide each object whose distance map has several peaks: touching round objects merged.
+def split_touching(labels: np.ndarray, level: float) -> np.ndarray:
+    """Divide each object whose deep core falls apart: touching round objects that came out as one.
 
-    The distance map is each voxel's Euclidean distance (voxels) to the object's edge. Its peaks
-    are the voxels at least ``radius`` deep that are the maximum within ``radius`` of them (a
-    plateau or ridge is one peak); an object with two or more gives each voxel to its nearest
-    peak. Two touching nuclei make one object with a waist and two peaks; a convex or elongated
-    object has one (a ridge), and irregular ones may have several, which is why the radius is
-    chosen on validation data (``inference.tuning``). Objects too small to hold a ball of
-    ``radius`` (fragments) are not examined: an untrained net's thousands of them cost nothing.
+    An object's depth map is each voxel's Euclidean distance (voxels) to the object's edge; its
+    core is where the depth exceeds ``level`` times the object's greatest depth. Two touching
+    nuclei make one object with a waist: the waist is shallower than both centres, so at a level
+    above it the core is two pieces, and every voxel goes to its nearest piece. An elongated or
+    convex object keeps one core (its ridge is about as deep everywhere), which is what splitting
+    at every local maximum of the depth got wrong: it cut long and large cells in two. The level
+    is chosen on validation data (``inference.tuning``). Objects less than 2 voxels deep
+    (fragments) are not examined: an untrained net's thousands of them cost nothing.
 
     Args:
         labels: instance labels ``(*spatial)`` int, 0 for background.
-        radius: peak depth and half the peak window, in voxels (> 0).
+        level: core depth as a fraction of each object's greatest depth, in (0, 1).
 
     Returns:
         int32 instance labels ``1..n`` of the same shape.
@@ -143,21 +143,21 @@ def split_touching(labels: np.ndarray, radius: float) -> np.ndarray:
     present = np.flatnonzero(sizes)
     relabel[present] = np.arange(1, present.size + 1, dtype=np.int32)
     out = relabel[labels]
-    # A peak r deep has every voxel within r inside the object: smaller objects (fragments) have none.
-    ball = math.pi * radius**2 if labels.ndim == 2 else 4 / 3 * math.pi * radius**3
+    # An object 2 voxels deep holds a (2·2)^d box: anything smaller is a fragment with no waist.
     following = present.size + 1
-    window = 2 * max(1, round(radius)) + 1
     boxes = ndimage.find_objects(labels)
-    for number in np.flatnonzero(sizes >= 0.5 * ball):
+    for number in np.flatnonzero(sizes >= 4**labels.ndim):
         box = boxes[number - 1]
         inside = labels[box] == number
         depth = ndimage.distance_transform_edt(np.pad(inside, 1))[(slice(1, -1),) * inside.ndim]
-        peaks = (depth >= radius) & (depth == ndimage.maximum_filter(depth, size=window))
-        markers, count = ndimage.label(peaks)
+        deepest = float(depth.max())
+        if deepest < 2:
+            continue
+        cores, count = ndimage.label(depth > level * deepest)
         if count <= 1:
             continue
-        _, nearest = ndimage.distance_transform_edt(markers == 0, return_indices=True)
-        pieces = markers[tuple(nearest)][inside]
+        _, nearest = ndimage.distance_transform_edt(cores == 0, return_indices=True)
+        pieces = cores[tuple(nearest)][inside]
         out[box][inside] = np.where(pieces == 1, relabel[number], pieces + following - 2)
         following += count - 1
     return out
@@ -230,8 +230,8 @@ def instances_from_classes(
         labels = boundary_to_instances(classes, min_size=0, fill_holes=settings.fill_holes, seeds=seeds)
     else:
         labels = foreground_to_instances(classes > 0, min_size=0, fill_holes=settings.fill_holes)
-    if settings.split_radius is not None:
-        labels = split_touching(labels, settings.split_radius)
+    if settings.split_level is not None:
+        labels = split_touching(labels, settings.split_level)
     return drop_small(
         labels, int(labels.max(initial=0)), settings.min_object_size, keep_largest=settings.keep_largest
     )

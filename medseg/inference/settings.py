@@ -24,10 +24,10 @@ class InferenceSettings:
         seed_threshold: ``boundary`` only: seeds are foreground pixels whose interior
             probability is at least this; None takes the argmax's interior class.
         keep_largest: keep only the largest object (one organ / lesion per image).
-        split_radius: divide an object whose distance map (voxels to its edge) has several
-            peaks at least this deep and this far apart (voxels) among them, each voxel to its
-            nearest peak: two touching round objects that came out as one (``split_touching``);
-            None leaves objects whole.
+        split_level: divide an object whose core — voxels deeper (distance to its edge) than
+            this fraction of its greatest depth — is several pieces among them, each voxel to its
+            nearest piece: two touching round objects that came out as one
+            (``split_touching``); None leaves objects whole.
 
     """
 
@@ -38,7 +38,7 @@ class InferenceSettings:
     target: TargetKind = "foreground"
     seed_threshold: float | None = None
     keep_largest: bool = False
-    split_radius: float | None = None
+    split_level: float | None = None
 
     def with_postprocessing(
         self,
@@ -47,7 +47,7 @@ class InferenceSettings:
         fill_holes: bool,
         seed_threshold: float | None,
         keep_largest: bool,
-        split_radius: float | None,
+        split_level: float | None,
     ) -> InferenceSettings:
         """These settings with other post-processing values."""
         return replace(
@@ -56,5 +56,5 @@ class InferenceSettings:
             fill_holes=fill_holes,
             seed_threshold=seed_threshold,
             keep_largest=keep_largest,
-            split_radius=split_radius,
+            split_level=split_level,
         )

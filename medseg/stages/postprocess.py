@@ -63,7 +63,7 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 5
+    version = 6
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
@@ -173,7 +173,7 @@ class Postprocess(Stage[PostprocessParams]):
                         "fill_holes",
                         "seed_threshold",
                         "keep_largest",
-                        "split_radius",
+                        "split_level",
                     )
                 },
                 "postprocess.measure": choice.measure,

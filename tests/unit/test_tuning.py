@@ -10,7 +10,7 @@ from medseg.inference.settings import InferenceSettings
 from medseg.inference.tuning import (
     ValidationCase,
     candidate_sizes,
-    candidate_split_radii,
+    candidate_split_levels,
     choose_postprocessing,
     selection_measure,
     training_object_sizes,
@@ -110,23 +110,42 @@ def _discs(centres: list[tuple[int, int]], radius: float, shape=(40, 64)) -> np.
     return labels
 
 
-def test_split_touching_divides_two_merged_discs_and_leaves_convex_objects_whole():
+def test_split_touching_divides_two_merged_discs_and_leaves_convex_and_long_objects_whole():
     reference = _discs([(20, 20), (20, 36)], 9)  # two discs of radius 9 overlapping by 2 px
     merged = (reference > 0).astype(np.int32)
-    split = split_touching(merged, 3.0)
+    split = split_touching(merged, 0.6)
     assert split.max() == 2
     for number in (1, 2):  # each half is one disc, but for its share of the lens where they overlap
         overlap = np.bincount(split[reference == number])
         assert overlap.argmax() > 0 and overlap.max() >= 0.95 * (reference == number).sum()
+    assert split_touching(merged, 0.3).max() == 1  # the waist (≈ 4 px deep) is above 0.3 × 9
     bar = np.zeros((40, 64), np.int32)
-    bar[15:25, 5:60] = 7  # an elongated object: its distance map is one ridge, one peak
-    assert np.array_equal(split_touching(bar, 3.0), (bar > 0).astype(np.int32))
+    bar[15:25, 5:60] = 7  # an elongated object: its distance map is one ridge
+    assert np.array_equal(split_touching(bar, 0.6), (bar > 0).astype(np.int32))
     disc = _discs([(20, 30)], 12)
-    assert np.array_equal(split_touching(disc, 3.0), disc)
-    assert split_touching(disc, 13.0).max() == 1  # no peak that deep: left whole
+    assert np.array_equal(split_touching(disc, 0.7), disc)
 
 
-def test_split_radius_is_chosen_when_validation_cells_came_out_merged():
+def test_split_touching_leaves_a_long_cell_with_a_wavy_ridge_whole():
+    # A capsule whose width varies gently (±10 %): its ridge has local maxima 20 px apart, which
+    # is where splitting at every distance-map peak cut real cells in two; its core stays one.
+    ys, xs = np.indices((40, 100))
+    half_width = 9 + 0.9 * np.sin(xs / 100 * 4 * np.pi)
+    capsule = ((np.abs(ys - 20) <= half_width) & (xs >= 10) & (xs < 90)).astype(np.int32)
+    assert np.array_equal(split_touching(capsule, 0.6), capsule)
+    assert np.array_equal(split_touching(capsule, 0.7), capsule)
+
+
+def test_split_touching_skips_fragments_and_numbers_objects_densely():
+    labels = np.zeros((30, 30), np.int32)
+    labels[2:4, 2:4] = 5  # a 2×2 fragment: skipped, relabelled
+    labels[10:20, 10:20] = 9
+    split = split_touching(labels, 0.6)
+    assert sorted(np.unique(split).tolist()) == [0, 1, 2]
+    assert (split[2:4, 2:4] == 1).all() and (split[10:20, 10:20] == 2).all()
+
+
+def test_split_level_is_chosen_when_validation_cells_came_out_merged():
     reference = _discs([(20, 14), (20, 30), (20, 50)], 9)  # two touching cells and one apart
     markers = np.zeros_like(reference)
     for number, (y, x) in enumerate([(20, 14), (20, 30), (20, 50)], start=1):
@@ -134,14 +153,11 @@ def test_split_radius_is_chosen_when_validation_cells_came_out_merged():
     classes = (reference > 0).astype(np.uint8)  # the net saw no gap between the touching pair
     case = ValidationCase("c", classes, None, reference, markers, True)
     sizes = training_object_sizes([reference], instance_labels=True)
-    radius = round(0.5 * np.sqrt(np.median(sizes) / np.pi), 2)
-    assert candidate_split_radii(sizes, None, 2) == [None, radius]
-    assert candidate_split_radii(np.array([4189]), None, 3) == [None, 5.0]  # a ball of radius 10
+    assert candidate_split_levels(None) == [None, 0.6, 0.7]
+    assert candidate_split_levels(0.7) == [0.7, None, 0.6]  # the current value is the baseline
     choice = choose_postprocessing([case], SETTINGS, object_sizes=sizes, instance_labels=True)
     assert choice.baseline.objects_per_case == 2 and choice.baseline.seg < 0.7  # one cell lost
     assert choice.chosen.objects_per_case == 3 and choice.chosen.seg > 0.95 and choice.chosen.det == 1.0
-    assert choice.settings.split_radius == radius
+    assert choice.settings.split_level == 0.6  # the first of the levels that splits (ties keep the first)
     assert instances_from_classes(classes, choice.settings).max() == 3  # inference splits the same way
-    assert (
-        choice.chosen.as_row()["split_radius"] == radius and choice.baseline.as_row()["split_radius"] == "off"
-    )
+    assert choice.chosen.as_row()["split_level"] == 0.6 and choice.baseline.as_row()["split_level"] == "off"
