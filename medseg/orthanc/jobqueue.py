@@ -31,6 +31,7 @@ from typing import Any
 
 FOLDERS = ("pending", "running", "done", "failed")
 RULES_FILE = "rules.json"
+CLAIM_GRACE_S = 2.0  # a live claimer writes its owner well within this after the rename
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -175,17 +176,27 @@ class JobQueue:
         return "pending"
 
     def orphans(self, lease_s: float, now: float | None = None) -> list[dict[str, Any]]:
-        """Running jobs whose worker is gone: a dead process on this host, or an expired lease."""
+        """Running jobs whose worker is gone: a dead process on this host, or an expired lease.
+
+        A claim renames the job into ``running/`` and then writes its owner; a worker killed
+        between the two leaves a job with no owner. Such a job is an orphan once it has gone
+        ``CLAIM_GRACE_S`` seconds (since the rename) without one; a younger one is waited for.
+        """
         now = time.time() if now is None else now
         host = socket.gethostname()
         found = []
         for path in self.folder("running").glob("*.json"):
             try:
                 document = read_json(path)
+                if "owner" not in document:
+                    time.sleep(max(0.0, CLAIM_GRACE_S - (time.time() - path.stat().st_ctime)))
+                    document = read_json(path)
             except (OSError, ValueError):
                 continue
-            owner = document.get("owner", {})
-            if owner.get("host") == host and owner.get("pid") != os.getpid():
+            owner = document.get("owner")
+            if owner is None:
+                found.append(document)
+            elif owner.get("host") == host and owner.get("pid") != os.getpid():
                 if not _alive(int(owner.get("pid", 0))):
                     found.append(document)
             elif now - float(owner.get("since", now)) > lease_s:

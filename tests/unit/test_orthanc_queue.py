@@ -12,7 +12,7 @@ import yaml
 
 from medseg.errors import ConfigError
 from medseg.orthanc.config import load_config
-from medseg.orthanc.jobqueue import JobQueue, job_id, matching_rule
+from medseg.orthanc.jobqueue import CLAIM_GRACE_S, JobQueue, job_id, matching_rule
 from tests.conftest import write_ct_export
 
 TAGS = {"Modality": "CT", "SeriesDescription": "CT Body 3.0", "BodyPartExamined": "PARTIALBODY"}
@@ -66,6 +66,18 @@ def test_jobs_of_a_dead_worker_are_orphans_and_a_live_ones_are_not(tmp_path):
     mine = queue.claim()
     assert mine["series"] == "series-b"
     assert [job["series"] for job in queue.orphans(lease_s=3600)] == ["series-a"]
+
+
+def test_a_job_claimed_by_a_worker_killed_before_it_wrote_its_owner_is_an_orphan(tmp_path):
+    queue = JobQueue(tmp_path / "q").create()
+    job, _ = queue.enqueue("series-a", "body", TAGS)
+    os.rename(queue.folder("pending") / f"{job}.json", queue.folder("running") / f"{job}.json")
+    assert queue.state(job) == "running"
+    started = time.monotonic()
+    assert [document["job"] for document in queue.orphans(lease_s=3600)] == [job]
+    assert time.monotonic() - started >= 0.9 * CLAIM_GRACE_S  # a live claimer had its grace
+    queue.retry_or_fail(queue.orphans(lease_s=3600)[0], "killed", attempts=3, backoff_s=0, max_backoff_s=0)
+    assert queue.state(job) == "pending" and queue.claim()["owner"]["pid"] == os.getpid()
 
 
 def _config(tmp_path, **changes):
