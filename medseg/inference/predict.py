@@ -212,14 +212,20 @@ def classes_and_seeds(
     """What post-processing needs from logits ``(classes, *spatial)``.
 
     Returns:
-        The uint8 class map ``(*spatial)`` and, for a ``boundary`` target with a
-        ``seed_threshold``, the boolean seed mask (interior probability ≥ threshold).
+        The uint8 class map ``(*spatial)`` (argmax, or ``settings.foreground_threshold`` on the
+        foreground probability) and, for a ``boundary`` target with a ``seed_threshold``, the
+        boolean seed mask (interior probability ≥ threshold).
 
     """
     seeds = None
     if settings.target == "boundary" and settings.seed_threshold is not None:
         seeds = class_probability(logits, 1) >= settings.seed_threshold
-    return class_map(logits), seeds
+    if settings.foreground_threshold is None:
+        return class_map(logits), seeds
+    classes = thresholded_class_map(
+        class_probability(logits, 0, complement=True), object_class_map(logits), settings.foreground_threshold
+    )
+    return classes, seeds
 
 
 def instances_from_classes(
@@ -237,19 +243,44 @@ def instances_from_classes(
     )
 
 
-def class_probability(logits: torch.Tensor, channel: int, *, voxels_per_slab: int = 1 << 22) -> np.ndarray:
+def class_probability(
+    logits: torch.Tensor, channel: int, *, complement: bool = False, voxels_per_slab: int = 1 << 22
+) -> np.ndarray:
     """Softmax probability of ``channel`` ``(*spatial)`` float32 from logits ``(classes, *spatial)``.
 
+    With ``complement``, 1 minus it (channel 0's complement: the foreground probability).
     Computed in slabs along the first spatial axis, like :func:`class_map`.
     """
     probability = np.empty(logits.shape[1:], np.float32)
     per_row = max(1, int(np.prod(logits.shape[2:])))
     step = max(1, voxels_per_slab // per_row)
     for start in range(0, logits.shape[1], step):
-        probability[start : start + step] = (
-            logits[:, start : start + step].float().softmax(dim=0)[channel].numpy()
-        )
+        slab = logits[:, start : start + step].float().softmax(dim=0)[channel].numpy()
+        probability[start : start + step] = 1.0 - slab if complement else slab
     return probability
+
+
+def object_class_map(logits: torch.Tensor) -> np.ndarray:
+    """The most probable object class (1 … classes−1) per voxel, uint8 ``(*spatial)``.
+
+    What a foreground voxel becomes when the foreground is a threshold on its probability
+    (:func:`thresholded_class_map`); all ones for a background/object net.
+    """
+    if logits.shape[0] == 2:
+        return np.ones(logits.shape[1:], np.uint8)
+    return class_map(logits[1:]) + np.uint8(1)
+
+
+def thresholded_class_map(foreground: np.ndarray, object_classes: np.ndarray, threshold: float) -> np.ndarray:
+    """Class map uint8 ``(*spatial)``: ``object_classes`` where ``foreground`` ≥ ``threshold``, else 0.
+
+    Args:
+        foreground: foreground probability (1 − background probability) ``(*spatial)``.
+        object_classes: each voxel's most probable object class ``(*spatial)`` (:func:`object_class_map`).
+        threshold: probability in (0, 1).
+
+    """
+    return np.where(foreground >= threshold, object_classes, np.uint8(0)).astype(np.uint8, copy=False)
 
 
 def class_map(logits: torch.Tensor, *, voxels_per_slab: int = 1 << 22) -> np.ndarray:

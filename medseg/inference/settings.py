@@ -28,6 +28,10 @@ class InferenceSettings:
             this fraction of its greatest depth — is several pieces among them, each voxel to its
             nearest piece: two touching round objects that came out as one
             (``split_touching``); None leaves objects whole.
+        foreground_threshold: voxels whose foreground probability (1 − the background's) is at
+            least this are objects, each of its most probable object class; None takes the
+            argmax over all classes. Moves every object's edge: a net whose objects come out
+            a little small or large is corrected on validation data (``inference.tuning``).
 
     """
 
@@ -39,6 +43,7 @@ class InferenceSettings:
     seed_threshold: float | None = None
     keep_largest: bool = False
     split_level: float | None = None
+    foreground_threshold: float | None = None
 
     def with_postprocessing(
         self,
@@ -48,6 +53,7 @@ class InferenceSettings:
         seed_threshold: float | None,
         keep_largest: bool,
         split_level: float | None,
+        foreground_threshold: float | None,
     ) -> InferenceSettings:
         """These settings with other post-processing values."""
         return replace(
@@ -57,4 +63,5 @@ class InferenceSettings:
             seed_threshold=seed_threshold,
             keep_largest=keep_largest,
             split_level=split_level,
+            foreground_threshold=foreground_threshold,
         )

@@ -12,7 +12,9 @@ hole filling on/off, the seed threshold of the boundary target (interior probabi
 argmax), splitting objects whose deep core is several pieces (instance labels; ``SPLIT_LEVELS``,
 ``predict.split_touching``) or not, and
 keep-largest-component for semantic labels. The current settings are tried
-first and kept unless a candidate scores higher.
+first and kept unless a candidate scores higher. A second pass moves the objects' edges: with
+the other values chosen, it tries thresholds on the foreground probability
+(``FOREGROUND_THRESHOLDS``, instead of the argmax) with every seed threshold.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from medseg.inference.predict import drop_small, instances_from_classes, split_touching
+from medseg.inference.predict import drop_small, instances_from_classes, split_touching, thresholded_class_map
 from medseg.inference.settings import InferenceSettings
 from medseg.metrics.evaluate import EvaluationSummary, evaluate_case, summarize
 
@@ -37,6 +39,8 @@ SPLIT_LEVELS = (0.6, 0.7)
 """Candidate core levels for splitting merged objects (fractions of each object's greatest depth).
 Measured on the GOWT1 example's validation frames (600 steps): 0.5 → OP_CSB 0.931, 0.55 → 0.945,
 0.6 → 0.945, 0.65 → 0.931, 0.7 → 0.927, 0.8 → 0.934, none → 0.891."""
+FOREGROUND_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+"""Candidate foreground-probability thresholds (besides the argmax): below 0.5 objects grow."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class ValidationCase:
         fully_annotated: whether every object is outlined in ``reference``.
         ignore: bool ``(*spatial)``, voxels whose label is unknown (``ingest.ignore_label``),
             left out of every candidate's score as evaluation leaves them out; or None.
+        foreground: float32 foreground probability ``(*spatial)`` (1 − background's), or None
+            (then no foreground threshold is tried).
+        object_classes: uint8 most probable object class ``(*spatial)`` (``object_class_map``);
+            needed with ``foreground``.
 
     """
 
@@ -62,6 +70,14 @@ class ValidationCase:
     markers: np.ndarray | None
     fully_annotated: bool
     ignore: np.ndarray | None = None
+    foreground: np.ndarray | None = None
+    object_classes: np.ndarray | None = None
+
+    def class_map(self, foreground_threshold: float | None) -> np.ndarray:
+        """The class map ``(*spatial)`` at a foreground threshold (None: the argmax)."""
+        if foreground_threshold is None or self.foreground is None or self.object_classes is None:
+            return self.classes
+        return thresholded_class_map(self.foreground, self.object_classes, foreground_threshold)
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,7 @@ class CandidateScore:
     seed_threshold: float | None
     keep_largest: bool
     split_level: float | None
+    foreground_threshold: float | None
     score: float
     seg: float
     det: float
@@ -85,6 +102,8 @@ class CandidateScore:
         row = dict(self.__dict__)
         row["seed_threshold"] = "argmax" if self.seed_threshold is None else self.seed_threshold
         row["split_level"] = "off" if self.split_level is None else self.split_level
+        edge = self.foreground_threshold
+        row["foreground_threshold"] = "argmax" if edge is None else edge
         return row
 
 
@@ -146,44 +165,100 @@ def choose_postprocessing(
     sizes = candidate_sizes(object_sizes, current.min_object_size)
     keeps = list(dict.fromkeys([current.keep_largest] + ([] if instance_labels else [False, True])))
     splits = candidate_split_levels(current.split_level) if instance_labels else [None]
+    edge = current.foreground_threshold
     scores: list[CandidateScore] = []
     for fill in dict.fromkeys([current.fill_holes, True, False]):
         for threshold in dict.fromkeys(thresholds):
-            whole = [_instances(case, current, fill, threshold) for case in cases]
-            for split in splits:
-                unfiltered = whole if split is None else [split_touching(labels, split) for labels in whole]
-                for keep in keeps:
-                    for size in sizes:
-                        predictions = [
-                            drop_small(labels, int(labels.max(initial=0)), size, keep_largest=keep)
-                            for labels in unfiltered
-                        ]
-                        summary = _score(cases, predictions)
-                        scores.append(_candidate(size, fill, threshold, keep, split, summary, measure))
-    best = scores[0]
-    for candidate in scores[1:]:
-        if candidate.score > best.score + 1e-9 or (
-            math.isnan(best.score) and not math.isnan(candidate.score)
-        ):
-            best = candidate
+            scores += _candidates(cases, current, measure, fill, threshold, edge, splits, keeps, sizes)
+    best = _best(scores)
+    if all(case.foreground is not None for case in cases):
+        for edge in candidate_foreground_thresholds(current.foreground_threshold):
+            for threshold in dict.fromkeys([best.seed_threshold, *thresholds]):
+                if (edge, threshold) == (best.foreground_threshold, best.seed_threshold):
+                    continue
+                scores += _candidates(
+                    cases,
+                    current,
+                    measure,
+                    best.fill_holes,
+                    threshold,
+                    edge,
+                    [best.split_level],
+                    [best.keep_largest],
+                    [best.min_object_size],
+                )
+        best = _best(scores)
     settings = current.with_postprocessing(
         min_object_size=best.min_object_size,
         fill_holes=best.fill_holes,
         seed_threshold=best.seed_threshold,
         keep_largest=best.keep_largest,
         split_level=best.split_level,
+        foreground_threshold=best.foreground_threshold,
     )
     return PostprocessingChoice(settings, measure, best, tuple(scores))
 
 
+def candidate_foreground_thresholds(current: float | None) -> list[float | None]:
+    """Foreground thresholds to try: the current one, the argmax, and ``FOREGROUND_THRESHOLDS``."""
+    return list(dict.fromkeys([current, None, *FOREGROUND_THRESHOLDS]))
+
+
+def _candidates(
+    cases: Sequence[ValidationCase],
+    current: InferenceSettings,
+    measure: Measure,
+    fill: bool,
+    threshold: float | None,
+    edge: float | None,
+    splits: Sequence[float | None],
+    keeps: Sequence[bool],
+    sizes: Sequence[int],
+) -> list[CandidateScore]:
+    """Score every (split, keep, size) candidate at one fill / seed / foreground setting."""
+    whole = [_instances(case, current, fill, threshold, edge) for case in cases]
+    scores = []
+    for split in splits:
+        unfiltered = whole if split is None else [split_touching(labels, split) for labels in whole]
+        for keep in keeps:
+            for size in sizes:
+                predictions = [
+                    drop_small(labels, int(labels.max(initial=0)), size, keep_largest=keep)
+                    for labels in unfiltered
+                ]
+                summary = _score(cases, predictions)
+                scores.append(_candidate(size, fill, threshold, keep, split, edge, summary, measure))
+    return scores
+
+
+def _best(scores: Sequence[CandidateScore]) -> CandidateScore:
+    """The highest-scoring candidate; the first (the baseline) on ties; NaN never beats a number."""
+    best = scores[0]
+    for candidate in scores[1:]:
+        if candidate.score > best.score + 1e-9 or (
+            math.isnan(best.score) and not math.isnan(candidate.score)
+        ):
+            best = candidate
+    return best
+
+
 def _instances(
-    case: ValidationCase, current: InferenceSettings, fill: bool, threshold: float | None
+    case: ValidationCase,
+    current: InferenceSettings,
+    fill: bool,
+    threshold: float | None,
+    edge: float | None,
 ) -> np.ndarray:
     settings = current.with_postprocessing(
-        min_object_size=0, fill_holes=fill, seed_threshold=threshold, keep_largest=False, split_level=None
+        min_object_size=0,
+        fill_holes=fill,
+        seed_threshold=threshold,
+        keep_largest=False,
+        split_level=None,
+        foreground_threshold=edge,
     )
     seeds = None if threshold is None or case.interior is None else case.interior >= threshold
-    return instances_from_classes(case.classes, settings, seeds=seeds)
+    return instances_from_classes(case.class_map(edge), settings, seeds=seeds)
 
 
 def _score(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray]) -> EvaluationSummary:
@@ -208,6 +283,7 @@ def _candidate(
     threshold: float | None,
     keep: bool,
     split: float | None,
+    edge: float | None,
     summary: EvaluationSummary,
     measure: Measure,
 ) -> CandidateScore:
@@ -218,6 +294,7 @@ def _candidate(
         seed_threshold=threshold,
         keep_largest=keep,
         split_level=split,
+        foreground_threshold=edge,
         score=values[measure],
         seg=summary.seg,
         det=summary.det,

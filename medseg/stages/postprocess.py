@@ -63,11 +63,13 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 6
+    version = 7
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
-    description = "choose post-processing on validation: object size, holes, seeds, splits, largest object"
+    description = (
+        "choose post-processing on validation: object size, holes, seeds, splits, largest object, edges"
+    )
 
     def execute(
         self,
@@ -79,7 +81,7 @@ class Postprocess(Stage[PostprocessParams]):
         """Choose post-processing on the split; write the model with its updated card."""
         from medseg.inference.card import PostprocessingRecord
         from medseg.inference.model import CARD_FILE, load_model
-        from medseg.inference.predict import class_map, class_probability, predict_logits
+        from medseg.inference.predict import class_map, class_probability, object_class_map, predict_logits
         from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
         from medseg.io.dataset import load_case, load_ignore, load_markers, read_index
         from medseg.io.readers import read_image
@@ -130,6 +132,8 @@ class Postprocess(Stage[PostprocessParams]):
                     markers=markers.array[0] if markers is not None else None,
                     fully_annotated=record.fully_annotated,
                     ignore=load_ignore(folder, record) if markers is None else None,  # as evaluate does
+                    foreground=class_probability(logits, 0, complement=True),
+                    object_classes=object_class_map(logits),
                 )
             )
             context.progress("postprocess: predict", number, len(records))
@@ -174,6 +178,7 @@ class Postprocess(Stage[PostprocessParams]):
                         "seed_threshold",
                         "keep_largest",
                         "split_level",
+                        "foreground_threshold",
                     )
                 },
                 "postprocess.measure": choice.measure,

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
-from medseg.inference.predict import instances_from_classes, split_touching
+from medseg.inference.predict import (
+    classes_and_seeds,
+    instances_from_classes,
+    object_class_map,
+    split_touching,
+)
 from medseg.inference.settings import InferenceSettings
 from medseg.inference.tuning import (
     ValidationCase,
+    candidate_foreground_thresholds,
     candidate_sizes,
     candidate_split_levels,
     choose_postprocessing,
@@ -161,3 +170,45 @@ def test_split_level_is_chosen_when_validation_cells_came_out_merged():
     assert choice.settings.split_level == 0.6  # the first of the levels that splits (ties keep the first)
     assert instances_from_classes(classes, choice.settings).max() == 3  # inference splits the same way
     assert choice.chosen.as_row()["split_level"] == 0.6 and choice.baseline.as_row()["split_level"] == "off"
+
+
+def test_foreground_threshold_is_chosen_when_validation_cells_came_out_too_small():
+    reference = _discs([(20, 14), (20, 46)], 9)
+    markers = np.zeros_like(reference)
+    markers[20, 14], markers[20, 46] = 1, 2
+    yy, xx = np.mgrid[:40, :64]
+    depth = np.minimum(np.hypot(yy - 20, xx - 14), np.hypot(yy - 20, xx - 46))
+    foreground = (1 / (1 + np.exp(depth - 7.5))).astype(np.float32)  # 0.5 at radius 7.5: cells too small
+    logits = torch.from_numpy(np.stack([np.zeros_like(foreground), np.log(foreground / (1 - foreground))]))
+    classes = object_class_map(logits) * (foreground >= 0.5)
+    case = ValidationCase(
+        "c", classes, None, reference, markers, True, foreground=foreground, object_classes=classes | 1
+    )
+    sizes = training_object_sizes([reference], instance_labels=True)
+    assert candidate_foreground_thresholds(None) == [None, 0.3, 0.4, 0.5, 0.6, 0.7]
+    choice = choose_postprocessing([case], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.baseline.seg == pytest.approx(177 / 253, abs=0.01)  # (7.5 / 9)² of each disc
+    assert choice.settings.foreground_threshold == 0.3  # the edge moved out to radius 8.3
+    assert choice.chosen.seg > 0.8 and choice.chosen.det == 1.0
+    assert choice.chosen.as_row()["foreground_threshold"] == 0.3
+    assert choice.baseline.as_row()["foreground_threshold"] == "argmax"
+    # Inference applies it to the logits: the chosen objects, not the argmax's.
+    grown, _ = classes_and_seeds(logits, choice.settings)
+    assert int(grown.sum()) > int(classes.sum()) * 1.15
+    assert instances_from_classes(grown, choice.settings).max() == 2
+
+
+def test_a_foreground_threshold_keeps_each_voxels_most_probable_object_class():
+    probabilities = torch.tensor(
+        [
+            [[0.45, 0.42, 0.8, 0.1]],  # background: the argmax of the first three voxels
+            [[0.35, 0.2, 0.05, 0.6]],  # interior
+            [[0.2, 0.38, 0.15, 0.3]],  # border
+        ]
+    )
+    boundary = InferenceSettings((1, 4), 0.25, 0, False, target="boundary")
+    classes = [
+        classes_and_seeds(probabilities.log(), replace(boundary, foreground_threshold=edge))[0].tolist()
+        for edge in (None, 0.5, 0.1)
+    ]
+    assert classes == [[[0, 0, 0, 1]], [[1, 2, 0, 1]], [[1, 2, 2, 1]]]
