@@ -14,7 +14,9 @@ argmax), splitting objects whose deep core is several pieces (instance labels; `
 keep-largest-component for semantic labels. The current settings are tried
 first and kept unless a candidate scores higher. A second pass moves the objects' edges: with
 the other values chosen, it tries thresholds on the foreground probability
-(``FOREGROUND_THRESHOLDS``, instead of the argmax) with every seed threshold.
+(``FOREGROUND_THRESHOLDS``, instead of the argmax), then the seed thresholds again at the best
+edge (coordinate-wise: each is one more labelling of the validation cases, and an untrained
+net's thousands of fragments make a labelling cost seconds).
 """
 
 from __future__ import annotations
@@ -165,29 +167,20 @@ def choose_postprocessing(
     sizes = candidate_sizes(object_sizes, current.min_object_size)
     keeps = list(dict.fromkeys([current.keep_largest] + ([] if instance_labels else [False, True])))
     splits = candidate_split_levels(current.split_level) if instance_labels else [None]
-    edge = current.foreground_threshold
+    grid_edge = current.foreground_threshold
     scores: list[CandidateScore] = []
     for fill in dict.fromkeys([current.fill_holes, True, False]):
         for threshold in dict.fromkeys(thresholds):
-            scores += _candidates(cases, current, measure, fill, threshold, edge, splits, keeps, sizes)
+            scores += _candidates(cases, current, measure, fill, threshold, grid_edge, splits, keeps, sizes)
     best = _best(scores)
     if all(case.foreground is not None for case in cases):
         for edge in candidate_foreground_thresholds(current.foreground_threshold):
-            for threshold in dict.fromkeys([best.seed_threshold, *thresholds]):
-                if (edge, threshold) == (best.foreground_threshold, best.seed_threshold):
-                    continue
-                scores += _candidates(
-                    cases,
-                    current,
-                    measure,
-                    best.fill_holes,
-                    threshold,
-                    edge,
-                    [best.split_level],
-                    [best.keep_largest],
-                    [best.min_object_size],
-                )
+            scores += _refine(cases, current, measure, best, edge, best.seed_threshold)
         best = _best(scores)
+        if best.foreground_threshold != grid_edge:  # the grid scored every seed at its own edge
+            for threshold in dict.fromkeys(thresholds):
+                scores += _refine(cases, current, measure, best, best.foreground_threshold, threshold)
+            best = _best(scores)
     settings = current.with_postprocessing(
         min_object_size=best.min_object_size,
         fill_holes=best.fill_holes,
@@ -229,6 +222,30 @@ def _candidates(
                 summary = _score(cases, predictions)
                 scores.append(_candidate(size, fill, threshold, keep, split, edge, summary, measure))
     return scores
+
+
+def _refine(
+    cases: Sequence[ValidationCase],
+    current: InferenceSettings,
+    measure: Measure,
+    best: CandidateScore,
+    edge: float | None,
+    threshold: float | None,
+) -> list[CandidateScore]:
+    """``best`` at another foreground / seed threshold (nothing when it is ``best``'s own)."""
+    if (edge, threshold) == (best.foreground_threshold, best.seed_threshold):
+        return []
+    return _candidates(
+        cases,
+        current,
+        measure,
+        best.fill_holes,
+        threshold,
+        edge,
+        [best.split_level],
+        [best.keep_largest],
+        [best.min_object_size],
+    )
 
 
 def _best(scores: Sequence[CandidateScore]) -> CandidateScore:
