@@ -91,18 +91,20 @@ def main() -> None:
     """
     names = sys.argv[1:] or list(BENCHMARKS)
     path = Path(__file__).with_name("RESULTS.md")
-    sections = previous_sections(path)
     import torch
 
     suffix = " (cuda)" if torch.cuda.is_available() else ""  # GPU figures sit beside the CPU ones
+    measured = {}
     for name in names:
         rows = BENCHMARKS[name]()
         table = markdown(rows)
         print(f"\n## {name}{suffix}\n{table}")
         about = _about(name)
-        sections[name + suffix] = (
+        measured[name + suffix] = (
             f"## {name}{suffix}\n\n{datetime.date.today()}: {machine()}\n\n{about}\n\n{table}\n"
         )
+    # Read the file only now: a run takes up to an hour, and other sections edited meanwhile stay.
+    sections = {**previous_sections(path), **measured}
     keys = [key for name in BENCHMARKS for key in (name, f"{name} (cuda)")]
     ordered = [sections.pop(key) for key in keys if key in sections]
     ordered += list(sections.values())
