@@ -182,7 +182,14 @@ def test_foreground_threshold_is_chosen_when_validation_cells_came_out_too_small
     logits = torch.from_numpy(np.stack([np.zeros_like(foreground), np.log(foreground / (1 - foreground))]))
     classes = object_class_map(logits) * (foreground >= 0.5)
     case = ValidationCase(
-        "c", classes, None, reference, markers, True, foreground=foreground, object_classes=classes | 1
+        "c",
+        classes,
+        None,
+        reference,
+        markers,
+        True,
+        foreground=foreground,
+        object_classes=object_class_map(logits),
     )
     sizes = training_object_sizes([reference], instance_labels=True)
     assert candidate_foreground_thresholds(None) == [None, 0.3, 0.4, 0.5, 0.6, 0.7]
