@@ -16,9 +16,14 @@ pytestmark = pytest.mark.integration
 
 def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     data = require(GOWT1)
+    # No post-processing search: on a two-epoch net's thousands of fragments it took half of
+    # this test (about 57 s of 110). The search runs end to end in the demo and fold tests (phantom
+    # CTC frames), its choices are known answers in tests/unit/test_tuning.py, and `bench accuracy`
+    # runs it on GOWT1.
     params = {
         "ingest": {"split": {"val_fraction": 0.25, "test_fraction": 0.25}},
         "train": {"epochs": 2, "patch_size": [128, 128], "samples_per_image": 2, "batch_size": 4},
+        "postprocess": {"search": False},
     }
     workflow = write_workflow(tmp_path, data, name="gowt1-2ep", params=params, experiment="gowt1-test")
     result = medseg.run_workflow(workflow, workspace=tmp_path / "ws")
@@ -43,6 +48,8 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
         assert len(run.data.tags["medseg.cache_key"]) == 64
     assert [m.step for m in client.get_metric_history(children["train"].info.run_id, "val/dice")] == [1, 2]
     assert children["train"].data.params["optim.lr"] == "0.002"
+    chosen = json.loads((result.outputs["postprocess"]["model"] / "model.json").read_text())["postprocessing"]
+    assert chosen["chosen_by"] == "train params (search disabled (postprocess.search))"
     # Planned from the fingerprint where the workflow is silent, logged as plan.*; the
     # workflow's values are kept (and the unused defaults of planned values are not logged).
     logged = children["train"].data.params
