@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import medseg
+from medseg.inference.model import CARD_FILE
 from tests.conftest import GOWT1, require
 from tests.integration.helpers import child_runs, write_workflow
 
@@ -48,8 +49,8 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
         assert len(run.data.tags["medseg.cache_key"]) == 64
     assert [m.step for m in client.get_metric_history(children["train"].info.run_id, "val/dice")] == [1, 2]
     assert children["train"].data.params["optim.lr"] == "0.002"
-    chosen = json.loads((result.outputs["postprocess"]["model"] / "model.json").read_text())["postprocessing"]
-    assert chosen["chosen_by"] == "train params (search disabled (postprocess.search))"
+    chosen = medseg.ModelCard.read(result.outputs["postprocess"]["model"] / CARD_FILE).postprocessing
+    assert chosen.chosen_by == "train params (search disabled (postprocess.search))"
     # Planned from the fingerprint where the workflow is silent, logged as plan.*; the
     # workflow's values are kept (and the unused defaults of planned values are not logged).
     logged = children["train"].data.params
