@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -195,7 +195,23 @@ def _run_with_progress(path: Path, workspace: Path, tracking_uri: str | None) ->
         leave(collective, together=False)
         raise
     leave(collective, together=True)
+    if collective.rank > 0:
+        _exit_after_clean_leave()
     return result
+
+
+def _exit_after_clean_leave() -> NoReturn:
+    """End a rank > 0 whose run succeeded without the interpreter's teardown.
+
+    Rank 0 tracks and reports; the other ranks have nothing left to do once they have left the
+    group. Their teardown could still fail a run that succeeded: gloo's C++ threads have aborted a
+    finished rank at exit (SIGABRT, "terminate called without an active exception"), and
+    ``torchrun`` then reports the whole launch failed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _progress_bar() -> Progress:
@@ -315,8 +331,7 @@ def run(
     _quiet_libraries(workspace)
     with _errors():
         result = _run_with_progress(workflow, workspace, tracking_uri)
-    if result.parent_run_id:  # ranks > 0 of a torchrun launch print nothing
-        _print_result(result)
+    _print_result(result)
 
 
 @app.command()
