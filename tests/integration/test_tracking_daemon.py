@@ -63,6 +63,25 @@ def test_rerun_tracks_through_the_daemon_identically_and_a_replaced_store_is_ref
     assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["warm/ingest.dataset"]
     assert again.review_link == first.review_link and "workflowType=machine_learning" in again.review_link
 
+    # A changed param reruns a stage through the warm daemon: its artifacts are uploaded by the
+    # daemon, which reads them from this machine's disk.
+    (tmp_path / "changed").mkdir()
+    changed = write_workflow(
+        tmp_path / "changed",
+        phantom_dir,
+        name="warm",
+        params={"train": FAST_TRAIN, "evaluate": {"surface_distances": False}},
+        experiment="warm",
+    )
+    rerun = medseg.run_workflow(changed, workspace=workspace, tracking_daemon_idle_s=30)
+    assert rerun.executed == ["evaluate", "export"] and len(calls) == 12
+    (evaluate,) = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{rerun.parent_run_id}' and tags.`medseg.stage` = 'evaluate'",
+    )
+    uploaded = {entry.path for entry in client.list_artifacts(evaluate.info.run_id, "report")}
+    assert {"report/per_case.csv", "report/summary.json"} <= uploaded
+
     # From the shell: a rerun through the warm daemon never imports MLflow in the user's process.
     shell = subprocess.run(
         [
