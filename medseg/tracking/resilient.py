@@ -84,7 +84,7 @@ class ResilientTracker:
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder (a copy is journalled if the server is away)."""
-        self._call("log_artifact", run_id, path=Path(path), artifact_path=artifact_path)
+        self._call("log_artifact", run_id, path=path, artifact_path=artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Upload text (journalled if the server is away)."""

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
+from medseg.collective import Collective, leave
 from medseg.demo import write_phantom_ctc
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import train_segmentation
@@ -144,7 +145,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
         },
         out / "result.pt",
     )
-    torch.distributed.destroy_process_group()
+    leave(Collective(rank, world), together=True)  # a rank destroying mid-exchange aborts its peer
 
 
 def test_ddp_two_cpu_processes_stay_in_sync_and_only_rank0_reports(tmp_path):
