@@ -11,6 +11,8 @@ import functools
 import json
 import os
 import re
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -97,6 +99,7 @@ class MlflowTracker:
         self._mlflow = mlflow
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self._experiments: dict[str, str] = {}
+        self._artifact_uris: dict[str, str] = {}
 
     @_wrap_errors
     def experiment_id(self, name: str) -> str:
@@ -136,6 +139,7 @@ class MlflowTracker:
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self._client.create_run(self.experiment_id(experiment), tags=all_tags, run_name=name)
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         return str(run.info.run_id)
 
     @_wrap_errors
@@ -150,8 +154,6 @@ class MlflowTracker:
     @_wrap_errors
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log finite metrics at ``step``; NaN values are skipped."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -168,18 +170,36 @@ class MlflowTracker:
 
         self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def _artifact_repository(self, run_id: str) -> Any:
+        """The artifact store of ``run_id``, addressed by the location ``create_run`` returned.
+
+        ``MlflowClient.log_artifact`` fetches the run to learn that location (one request per
+        run, about a second on a password-checking server); only a run this tracker did not
+        open (a resumed one) is fetched, once.
+        """
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if run_id not in self._artifact_uris:
+            self._artifact_uris[run_id] = self._client.get_run(run_id).info.artifact_uri
+        return get_artifact_repository(self._artifact_uris[run_id], tracking_uri=self.tracking_uri)
+
     @_wrap_errors
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a directory's contents, under ``artifact_path``."""
+        repository = self._artifact_repository(run_id)
         if path.is_dir():
-            self._client.log_artifacts(run_id, str(path), artifact_path)
+            repository.log_artifacts(str(path), artifact_path)
         else:
-            self._client.log_artifact(run_id, str(path), artifact_path)
+            repository.log_artifact(str(path), artifact_path)
 
     @_wrap_errors
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        """Upload ``text`` as ``artifact_file``."""
-        self._client.log_text(run_id, text, artifact_file)
+        """Upload ``text`` as ``artifact_file`` (a run-relative POSIX path)."""
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / name
+            path.write_text(text, encoding="utf-8")
+            self._artifact_repository(run_id).log_artifact(str(path), folder or None)
 
     @_wrap_errors
     def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
@@ -252,8 +272,19 @@ class MlflowTracker:
 
     @_wrap_errors
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
-        """Close a run."""
-        self._client.set_terminated(run_id, status=status)
+        """Close a run with one request to the store.
+
+        ``MlflowClient.set_terminated`` first fetches the run to print a "View run" link on
+        stdout when the store is a server: a library prints nothing, and the CLI shows the
+        parent run's link itself.
+        """
+        from mlflow.entities import RunStatus as MlflowRunStatus
+
+        ended = int(time.time() * 1000)
+        store = self._client._tracking_client.store
+        store.update_run_info(
+            run_id, run_status=MlflowRunStatus.from_string(status), end_time=ended, run_name=None
+        )
 
 
 def download_model(source: str, tracking_uri: str, destination: Path) -> Path:

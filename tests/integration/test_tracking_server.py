@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils import rest_utils
 
 import medseg
 from medseg.demo import write_phantom_ctc
@@ -32,8 +34,16 @@ def server(tmp_path_factory):
     stop(process)
 
 
-def test_workflow_tracking_uri_and_environment_redirect_to_server(tmp_path, server, monkeypatch):
+def test_workflow_tracking_uri_and_environment_redirect_to_server(tmp_path, server, monkeypatch, capsys):
     url, root = server
+    requests = Counter()
+    send = rest_utils.http_request
+
+    def counted(host_creds, endpoint, method, *args, **kwargs):
+        requests[f"{method} {endpoint.rsplit('/api/2.0/', 1)[-1]}"] += 1
+        return send(host_creds, endpoint, method, *args, **kwargs)
+
+    monkeypatch.setattr(rest_utils, "http_request", counted)
     data = write_phantom_ctc(tmp_path / "data", frames=6, size=32, seed=2)
     params = {"ingest": {"train_on": "all"}, "train": {"epochs": 1, "patch_size": [32, 32], "batch_size": 2}}
     workflow = write_workflow(tmp_path, data, name="served", params=params, experiment="served")
@@ -42,6 +52,11 @@ def test_workflow_tracking_uri_and_environment_redirect_to_server(tmp_path, serv
 
     result = medseg.run_workflow(workflow, workspace=tmp_path / "ws")
     assert result.tracking_uri == url
+    assert capsys.readouterr().out == ""  # the library prints nothing (MLflow's "View run" links)
+    # Every run is addressed by what create_run returned: no run is read back (one request each,
+    # about a second on a password-checking server).
+    assert requests["GET mlflow/runs/get"] == 0
+    assert requests["POST mlflow/runs/create"] == 6 and requests["POST mlflow/runs/update"] == 6
     assert not (tmp_path / "ws" / "mlflow.db").exists()  # nothing went to the embedded store
     assert os.environ.get("MLFLOW_TRACKING_URI") != url  # the library leaves the caller's environment alone
 
