@@ -163,6 +163,35 @@ def split_touching(labels: np.ndarray, level: float) -> np.ndarray:
     return out
 
 
+def shift_edges(labels: np.ndarray, steps: int) -> np.ndarray:
+    """Move every object's surface by ``steps`` voxels: outward when positive, inward when negative.
+
+    Inward, each step takes from every object its voxels with a face neighbour that is not its
+    own (background or another object), so touching objects each give up their contact voxels;
+    outward, each step gives every background voxel the largest label among its face neighbours,
+    so objects grow into background only, never into each other. Voxels beyond the image edge
+    count as the edge voxel itself: an object cut by the image border keeps that side.
+
+    Args:
+        labels: instance labels ``(*spatial)`` int, 0 for background.
+        steps: voxels to move (face-neighbour steps along any axis).
+
+    Returns:
+        Labels of the same shape and dtype; an object shrunk to nothing leaves its number unused.
+
+    """
+    footprint = ndimage.generate_binary_structure(labels.ndim, 1)
+    shifted = labels
+    for _ in range(abs(steps)):
+        highest = ndimage.maximum_filter(shifted, footprint=footprint)
+        if steps > 0:
+            shifted = np.where(shifted == 0, highest, shifted)
+        else:
+            lowest = ndimage.minimum_filter(shifted, footprint=footprint)
+            shifted = np.where(highest != lowest, 0, shifted)
+    return shifted
+
+
 def drop_small(labels: np.ndarray, count: int, min_size: int, *, keep_largest: bool = False) -> np.ndarray:
     """Relabel ``labels`` (values ``0..count``) to ``1..n``, dropping objects under ``min_size``.
 
@@ -238,9 +267,25 @@ def instances_from_classes(
         labels = foreground_to_instances(classes > 0, min_size=0, fill_holes=settings.fill_holes)
     if settings.split_level is not None:
         labels = split_touching(labels, settings.split_level)
-    return drop_small(
-        labels, int(labels.max(initial=0)), settings.min_object_size, keep_largest=settings.keep_largest
+    return final_objects(
+        labels,
+        min_size=settings.min_object_size,
+        keep_largest=settings.keep_largest,
+        edge_shift=settings.edge_shift,
     )
+
+
+def final_objects(labels: np.ndarray, *, min_size: int, keep_largest: bool, edge_shift: int) -> np.ndarray:
+    """The last steps of post-processing: the size filter (:func:`drop_small`), then :func:`shift_edges`.
+
+    The filter judges the objects as labelled: shrinking first would drop a small cell that the
+    filter's size (chosen unshifted) keeps. Returns int32 labels ``1..n`` ``(*spatial)``,
+    renumbered if an object shrank away.
+    """
+    filtered = drop_small(labels, int(labels.max(initial=0)), min_size, keep_largest=keep_largest)
+    if edge_shift == 0:
+        return filtered
+    return drop_small(shift_edges(filtered, edge_shift), int(filtered.max(initial=0)), 1)
 
 
 def class_probability(

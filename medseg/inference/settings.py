@@ -32,6 +32,11 @@ class InferenceSettings:
             least this are objects, each of its most probable object class; None takes the
             argmax over all classes. Moves every object's edge: a net whose objects come out
             a little small or large is corrected on validation data (``inference.tuning``).
+        edge_shift: voxels every object's surface moves once objects are labelled and
+            filtered by size: inward when negative, outward into background when positive, 0
+            leaves them (``predict.shift_edges``). Corrects a net that draws objects a voxel fat or
+            thin all round with probabilities too confident for ``foreground_threshold`` to move
+            the edge; chosen on validation data.
 
     """
 
@@ -44,6 +49,7 @@ class InferenceSettings:
     keep_largest: bool = False
     split_level: float | None = None
     foreground_threshold: float | None = None
+    edge_shift: int = 0
 
     def with_postprocessing(
         self,
@@ -54,6 +60,7 @@ class InferenceSettings:
         keep_largest: bool,
         split_level: float | None,
         foreground_threshold: float | None,
+        edge_shift: int,
     ) -> InferenceSettings:
         """These settings with other post-processing values."""
         return replace(
@@ -64,4 +71,5 @@ class InferenceSettings:
             keep_largest=keep_largest,
             split_level=split_level,
             foreground_threshold=foreground_threshold,
+            edge_shift=edge_shift,
         )

@@ -63,7 +63,7 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 7
+    version = 8
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
@@ -179,6 +179,7 @@ class Postprocess(Stage[PostprocessParams]):
                         "keep_largest",
                         "split_level",
                         "foreground_threshold",
+                        "edge_shift",
                     )
                 },
                 "postprocess.measure": choice.measure,

@@ -12,11 +12,13 @@ from medseg.inference.predict import (
     classes_and_seeds,
     instances_from_classes,
     object_class_map,
+    shift_edges,
     split_touching,
 )
 from medseg.inference.settings import InferenceSettings
 from medseg.inference.tuning import (
     ValidationCase,
+    candidate_edge_shifts,
     candidate_foreground_thresholds,
     candidate_sizes,
     candidate_split_levels,
@@ -203,6 +205,45 @@ def test_foreground_threshold_is_chosen_when_validation_cells_came_out_too_small
     grown, _ = classes_and_seeds(logits, choice.settings)
     assert int(grown.sum()) > int(classes.sum()) * 1.15
     assert instances_from_classes(grown, choice.settings).max() == 2
+
+
+def test_shift_edges_moves_each_surface_by_whole_voxels_and_never_merges_objects():
+    labels = np.zeros((9, 12), np.int32)
+    labels[2:7, 1:6], labels[2:7, 6:11] = 1, 2  # two 5×5 squares touching along a column
+    shrunk = shift_edges(labels, -1)
+    assert (shrunk == 1).sum() == 3 * 3 and (shrunk == 2).sum() == 3 * 3  # each lost its 1-voxel rim
+    assert not shrunk[:, 5:7].any()  # the contact columns went to neither
+    grown = shift_edges(labels, 1)
+    assert (grown == 1).sum() == 25 + 5 + 5 + 5  # up, down and left by one voxel (no corners)
+    assert (grown[:, :6] == 1).sum() == (grown == 1).sum()  # nothing taken from its neighbour
+    border = np.zeros((5, 5), np.int32)
+    border[:, :3] = 7  # an object cut by the image edge keeps that side
+    assert shift_edges(border, -1)[:, 0].tolist() == [7, 7, 7, 7, 7]
+    assert shift_edges(border, -1).dtype == border.dtype and np.array_equal(shift_edges(border, 0), border)
+    # Inference filters sizes before it shifts: a cell just at the size kept is not shrunk below it.
+    small = (_discs([(20, 14)], 4) > 0).astype(np.uint8)
+    settings = replace(SETTINGS, min_object_size=int(small.sum()), edge_shift=-1)
+    kept = instances_from_classes(small, settings)
+    assert kept.max() == 1 and 0 < (kept == 1).sum() < small.sum()
+
+
+def test_edge_shift_is_chosen_when_a_confident_net_draws_cells_a_voxel_fat():
+    reference = _discs([(20, 14), (20, 46)], 9)
+    markers = np.zeros_like(reference)
+    markers[20, 14], markers[20, 46] = 1, 2
+    fat = _discs([(20, 14), (20, 46)], 10)  # one voxel too wide all round
+    foreground = np.where(fat > 0, 0.999, 0.001).astype(np.float32)  # no threshold moves this edge
+    case = ValidationCase("c", (fat > 0).astype(np.uint8), None, reference, markers, True,
+                          foreground=foreground, object_classes=np.ones_like(fat, np.uint8))  # fmt: skip
+    sizes = training_object_sizes([reference], instance_labels=True)
+    assert candidate_edge_shifts(0) == [0, -2, -1, 1] and candidate_edge_shifts(-1) == [-1, 0, -2, 1]
+    choice = choose_postprocessing([case], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.baseline.seg == pytest.approx(253 / 317, abs=0.01)  # the disc's area over the fat one's
+    assert choice.settings.edge_shift == -1 and choice.chosen.seg > 0.9 and choice.chosen.det == 1.0
+    assert choice.chosen.as_row()["edge_shift"] == -1 and choice.baseline.as_row()["edge_shift"] == 0
+    # Inference shifts the same way: the chosen objects are the reference's size.
+    labels = instances_from_classes((fat > 0).astype(np.uint8), choice.settings)
+    assert labels.max() == 2 and abs(int((labels == 1).sum()) - int((reference == 1).sum())) < 15
 
 
 def test_a_foreground_threshold_keeps_each_voxels_most_probable_object_class():
