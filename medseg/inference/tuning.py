@@ -224,8 +224,8 @@ def candidate_edge_shifts(current: int) -> list[int]:
 
 
 Labelling = tuple[bool, float | None, float | None, int]
-"""How objects are labelled before splitting and the size filter: fill holes, seed threshold,
-foreground threshold, edge shift."""
+"""How a candidate forms objects: fill holes, seed threshold and foreground threshold (before
+splitting), and the edge shift (after the size filter)."""
 
 
 def _candidates(
