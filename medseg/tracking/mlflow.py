@@ -199,7 +199,7 @@ class MlflowTracker:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / name
             path.write_text(text, encoding="utf-8")
-            self._artifact_repository(run_id).log_artifact(str(path), folder or None)
+            self.log_artifact(run_id, path, folder or None)
 
     @_wrap_errors
     def log_dataset(self, run_id: str, dataset: DatasetInfo, context: str) -> None:
