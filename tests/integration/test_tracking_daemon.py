@@ -106,6 +106,15 @@ def test_rerun_tracks_through_the_daemon_identically_and_a_replaced_store_is_ref
     }
     assert "torch" not in imported and "mlflow" not in imported
 
+    # medseg edited (or upgraded) while the daemon runs: the client's code differs from the
+    # daemon's, so it looks for another socket, and the old daemon refuses it at the hello.
+    assert DaemonTracker.connect(uri, store) is not None
+    monkeypatch.setattr(daemon_module, "code_identity", lambda: "edited")
+    assert socket_path(uri) != sock
+    monkeypatch.setattr(daemon_module, "socket_path", lambda _: sock)
+    assert DaemonTracker.connect(uri, store) is None
+    monkeypatch.undo()
+
     # A store deleted under the daemon (the workspace wiped and rebuilt): the daemon notices and
     # exits; the next run tracks in-process into the new file.
     store.unlink()
