@@ -108,12 +108,14 @@ def test_rerun_tracks_through_the_daemon_identically_and_a_replaced_store_is_ref
 
     # medseg edited (or upgraded) while the daemon runs: the client's code differs from the
     # daemon's, so it looks for another socket, and the old daemon refuses it at the hello.
-    assert DaemonTracker.connect(uri, store) is not None
-    monkeypatch.setattr(daemon_module, "code_identity", lambda: "edited")
-    assert socket_path(uri) != sock
-    monkeypatch.setattr(daemon_module, "socket_path", lambda _: sock)
-    assert DaemonTracker.connect(uri, store) is None
-    monkeypatch.undo()
+    same_code = DaemonTracker.connect(uri, store)
+    assert same_code is not None
+    same_code.close()
+    with monkeypatch.context() as edited:
+        edited.setattr(daemon_module, "code_identity", lambda: "edited")
+        assert socket_path(uri) != sock
+        edited.setattr(daemon_module, "socket_path", lambda _: sock)
+        assert DaemonTracker.connect(uri, store) is None
 
     # A store deleted under the daemon (the workspace wiped and rebuilt): the daemon notices and
     # exits; the next run tracks in-process into the new file.
