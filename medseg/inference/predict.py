@@ -93,8 +93,9 @@ def boundary_to_instances(
         classes: class map ``(*spatial)`` with values 0, 1, 2.
         min_size: smallest object kept, in voxels.
         fill_holes: fill background enclosed by foreground first.
-        seeds: boolean seed mask of the same shape (e.g. interior probability over a
-            threshold); default the interior class. Only its foreground pixels count.
+        seeds: seed mask of the same shape: boolean (each component a seed, e.g. interior
+            probability over a threshold) or labelled seeds ``1..n`` (:func:`layered_seeds`);
+            default the interior class. Only its foreground pixels count.
 
     Returns:
         int32 instance labels ``1..n`` of the same shape, 0 for background.
@@ -103,7 +104,11 @@ def boundary_to_instances(
     foreground = classes > 0
     if fill_holes:
         foreground = ndimage.binary_fill_holes(foreground)
-    seeds, count = ndimage.label(classes == 1 if seeds is None else seeds & foreground)
+    if seeds is not None and seeds.dtype != bool:
+        seeds = np.where(foreground, seeds, 0)
+        count = int(seeds.max(initial=0))
+    else:
+        seeds, count = ndimage.label(classes == 1 if seeds is None else seeds & foreground)
     if count:
         _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
         grown = seeds[tuple(nearest)]
@@ -114,6 +119,55 @@ def boundary_to_instances(
     unseeded, extra = ndimage.label(foreground & (seeds == 0))
     labels = np.where(unseeded > 0, unseeded + count, seeds)
     return drop_small(labels, count + extra, min_size)
+
+
+SEED_LEVELS = (0.9, 0.95, 0.98)
+"""Interior-probability levels at which :func:`layered_seeds` looks for a seed falling apart."""
+
+
+def layered_seeds(
+    interior: np.ndarray, foreground: np.ndarray, threshold: float, min_size: int
+) -> np.ndarray:
+    """Seeds ``1..n`` int32 ``(*spatial)``: interior components, each divided where it falls apart higher up.
+
+    A seed is a connected component of foreground voxels whose interior probability is at least
+    ``threshold``. Two touching cells whose shared border the net draws faintly make one seed
+    at that threshold, but at a higher level (``SEED_LEVELS``) the seed breaks into one core per
+    cell. A seed is replaced by its pieces at a level where at least two of them hold
+    ``min_size`` voxels or more (each big enough to be an object by itself), every voxel of
+    the seed going to its nearest piece, so the seed's border with its other neighbours stays
+    where it was; smaller pieces (noise peaks of one cell) never split it.
+
+    Args:
+        interior: interior probability ``(*spatial)`` float32.
+        foreground: boolean foreground mask, same shape.
+        threshold: the seed threshold in (0, 1).
+        min_size: the smallest piece that counts, in voxels (the smallest object kept).
+
+    """
+    seeds, count = ndimage.label((interior >= threshold) & foreground)
+    for level in (level for level in SEED_LEVELS if level > threshold):
+        pieces, number = ndimage.label((interior >= level) & foreground)
+        sizes = np.bincount(pieces.ravel(), minlength=number + 1)
+        large = np.flatnonzero(sizes[1:] >= max(min_size, 1)) + 1
+        if large.size < 2:
+            continue
+        # A piece lies inside one seed (a higher level is a subset), or in a seed's dropped part (0).
+        parents = np.asarray(ndimage.maximum(seeds, pieces, large), np.int64)
+        boxes = ndimage.find_objects(seeds)
+        for parent in np.unique(parents[parents > 0]):
+            own = large[parents == parent]
+            if own.size < 2:
+                continue
+            box = boxes[parent - 1]
+            region = seeds[box] == parent
+            cores = np.zeros(region.shape, np.int32)
+            for piece in own:
+                count += 1
+                cores[pieces[box] == piece] = count
+            _, nearest = ndimage.distance_transform_edt(cores == 0, return_indices=True)
+            seeds[box][region] = cores[tuple(nearest)][region]
+    return seeds.astype(np.int32, copy=False)
 
 
 def split_touching(labels: np.ndarray, level: float) -> np.ndarray:
@@ -243,18 +297,37 @@ def classes_and_seeds(
     Returns:
         The uint8 class map ``(*spatial)`` (argmax, or ``settings.foreground_threshold`` on the
         foreground probability) and, for a ``boundary`` target with a ``seed_threshold``, the
-        boolean seed mask (interior probability ≥ threshold).
+        seeds (:func:`boundary_seeds`).
 
     """
-    seeds = None
-    if settings.target == "boundary" and settings.seed_threshold is not None:
-        seeds = class_probability(logits, 1) >= settings.seed_threshold
     if settings.foreground_threshold is None:
-        return class_map(logits), seeds
-    classes = thresholded_class_map(
-        class_probability(logits, 0, complement=True), object_class_map(logits), settings.foreground_threshold
-    )
-    return classes, seeds
+        classes = class_map(logits)
+    else:
+        foreground = class_probability(logits, 0, complement=True)
+        classes = thresholded_class_map(foreground, object_class_map(logits), settings.foreground_threshold)
+    if settings.target != "boundary" or settings.seed_threshold is None:
+        return classes, None
+    return classes, boundary_seeds(class_probability(logits, 1), classes, settings)
+
+
+def boundary_seeds(interior: np.ndarray, classes: np.ndarray, settings: InferenceSettings) -> np.ndarray:
+    """The seeds of a ``boundary`` net with a ``seed_threshold`` (``settings``), ``(*spatial)``.
+
+    Boolean (interior probability ≥ the threshold), or labelled seeds from
+    :func:`layered_seeds` when ``settings.seed_split_size`` is set.
+
+    Args:
+        interior: interior probability ``(*spatial)`` float32.
+        classes: the class map ``(*spatial)`` the objects are labelled from (its foreground
+            bounds the seeds).
+        settings: with ``seed_threshold`` set.
+
+    """
+    if settings.seed_threshold is None:
+        raise ValueError("boundary seeds need a seed threshold")
+    if settings.seed_split_size is None:
+        return interior >= settings.seed_threshold
+    return layered_seeds(interior, classes > 0, settings.seed_threshold, settings.seed_split_size)
 
 
 def instances_from_classes(

@@ -37,6 +37,10 @@ class InferenceSettings:
             leaves them (``predict.shift_edges``). Corrects a net that draws objects a voxel fat or
             thin all round with probabilities too confident for ``foreground_threshold`` to move
             the edge; chosen on validation data.
+        seed_split_size: ``boundary`` seeds only: a seed that breaks, at a higher interior
+            probability, into two or more pieces of at least this many voxels is one seed per
+            piece (``predict.layered_seeds``): two touching objects whose shared border the net
+            draws faintly. None (cards before post-processing v9) keeps each seed whole.
 
     """
 
@@ -50,6 +54,7 @@ class InferenceSettings:
     split_level: float | None = None
     foreground_threshold: float | None = None
     edge_shift: int = 0
+    seed_split_size: int | None = None
 
     def with_postprocessing(
         self,

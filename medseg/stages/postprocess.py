@@ -63,7 +63,7 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 8
+    version = 9
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
@@ -183,6 +183,9 @@ class Postprocess(Stage[PostprocessParams]):
                     )
                 },
                 "postprocess.measure": choice.measure,
+                "postprocess.chosen.seed_split_size": (
+                    "off" if choice.settings.seed_split_size is None else choice.settings.seed_split_size
+                ),
             }
         )
         return {

@@ -82,6 +82,7 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     assert chosen["postprocess.measure"] == "op_csb"
     assert int(chosen["postprocess.chosen.min_object_size"]) >= 0
     assert chosen["postprocess.chosen.split_level"] in {"off", "0.6", "0.7"}  # a candidate level, or none
+    assert int(chosen["postprocess.chosen.seed_split_size"]) > 0  # boundary target: layered seeds
     table = {a.path for a in client.list_artifacts(children["postprocess"].info.run_id, "postprocessing")}
     assert table == {"postprocessing/postprocessing_candidates.csv"}
     report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "report")}

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from medseg.inference.predict import (
+    boundary_seeds,
     classes_and_seeds,
     instances_from_classes,
+    layered_seeds,
     object_class_map,
     shift_edges,
     split_touching,
@@ -23,6 +25,7 @@ from medseg.inference.tuning import (
     candidate_sizes,
     candidate_split_levels,
     choose_postprocessing,
+    seed_split_sizes,
     selection_measure,
     training_object_sizes,
 )
@@ -96,6 +99,61 @@ def test_seed_threshold_splits_touching_cells_of_a_boundary_map():
     choice = choose_postprocessing([case], boundary, object_sizes=np.array([150, 150]), instance_labels=True)
     assert choice.baseline.f1 == pytest.approx(2 / 3) and choice.chosen.f1 == 1.0  # merged: IoU 0.5 with one
     assert choice.settings.seed_threshold == 0.5
+
+
+def _touching_cells_drawn_faintly() -> tuple[np.ndarray, np.ndarray]:
+    """Two 10×15 cells side by side and a 10×30 one below, and an interior probability map.
+
+    The net is sure of each cell's core (0.99) but not of the border between the two touching
+    cells (0.85, over every seed threshold tried); the long cell has two 2×2 peaks (0.99) in
+    a 0.85 plateau: noise within one cell.
+    """
+    reference = np.zeros((40, 40), np.int32)
+    reference[5:15, 5:20], reference[5:15, 20:35], reference[25:35, 5:35] = 1, 2, 3
+    interior = np.where(reference > 0, 0.85, 0.0).astype(np.float32)
+    interior[6:14, 6:18] = interior[6:14, 22:34] = 0.99
+    interior[29:31, 10:12] = interior[29:31, 28:30] = 0.99
+    return reference, interior
+
+
+def test_layered_seeds_divide_a_seed_whose_higher_cores_are_object_sized_and_ignore_small_peaks():
+    reference, interior = _touching_cells_drawn_faintly()
+    foreground = reference > 0
+    assert layered_seeds(interior, foreground, 0.8, 1_000).max() == 2  # no piece that large: 2 seeds
+    seeds = layered_seeds(interior, foreground, 0.8, 50)  # cores of 96 voxels, peaks of 4
+    assert sorted(np.unique(seeds).tolist()) == [0, 2, 3, 4]  # seed 1 (the top one) became 3 and 4
+    assert np.array_equal(seeds > 0, interior >= 0.8)  # every voxel of the divided seed kept
+    for number in (1, 2):  # each piece takes its own cell's half of the contact
+        assert np.unique(seeds[reference == number]).size == 1
+    assert np.unique(seeds[reference == 3]).tolist() == [2]  # the peaks never split the long cell
+
+
+def test_touching_cells_drawn_faintly_are_split_by_layered_seeds_in_tuning_and_inference():
+    reference, interior = _touching_cells_drawn_faintly()
+    classes = (reference > 0).astype(np.uint8)  # the argmax drew no border anywhere
+    case = ValidationCase("c", classes, interior, reference, None, True)
+    boundary = InferenceSettings((40, 40), 0.25, 0, False, target="boundary", seed_threshold=0.8)
+    plain = [instances_from_classes(classes, replace(boundary, seed_threshold=t)) for t in (0.35, 0.8)]
+    assert [labels.max() for labels in plain] == [2, 2]  # no threshold parts the touching cells
+    small = np.array([150, 150, 300])  # the cores (96 voxels) are over 40 % of the median object
+    assert seed_split_sizes(small) == [60, 45, 30]
+    choice = choose_postprocessing([case], boundary, object_sizes=small, instance_labels=True)
+    assert choice.settings.seed_split_size == 60 and choice.baseline.f1 == 1.0
+    large = np.array([300, 300, 300])  # 40 % is 120 voxels: only the last pass's 30 % (90) splits
+    choice = choose_postprocessing([case], boundary, object_sizes=large, instance_labels=True)
+    assert choice.baseline.f1 == pytest.approx(0.8) and choice.baseline.seed_split_size == 120
+    assert choice.settings.seed_split_size == 90 and choice.chosen.f1 == 1.0
+    assert choice.chosen.as_row()["seed_split_size"] == 90
+    labels = instances_from_classes(
+        classes, choice.settings, seeds=boundary_seeds(interior, classes, choice.settings)
+    )
+    assert labels.max() == 3 and all(np.unique(labels[reference == n]).size == 1 for n in (1, 2, 3))
+    # Inference from the net's logits (background, interior, border) forms the same objects.
+    background = np.where(reference > 0, 0.001, 0.998)
+    inside = np.where(reference > 0, 0.998 * interior, 0.001)
+    logits = torch.from_numpy(np.log(np.stack([background, inside, 1 - background - inside]))).float()
+    net_classes, net_seeds = classes_and_seeds(logits, choice.settings)
+    assert np.array_equal(instances_from_classes(net_classes, choice.settings, seeds=net_seeds), labels)
 
 
 def test_fragments_where_the_label_is_unknown_do_not_steer_the_choice():
