@@ -142,7 +142,7 @@ def layered_seeds(
         interior: interior probability ``(*spatial)`` float32.
         foreground: boolean foreground mask, same shape.
         threshold: the seed threshold in (0, 1).
-        min_size: the smallest piece that counts, in voxels (the smallest object kept).
+        min_size: the smallest piece that counts, in voxels (``InferenceSettings.seed_split_size``).
 
     """
     seeds, count = ndimage.label((interior >= threshold) & foreground)

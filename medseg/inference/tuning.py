@@ -69,7 +69,7 @@ fractions of the median training object; the first is the grid's. Measured on th
 net (600 steps): at 0.4 test SEG 0.889 → 0.911, DET 0.987 → 0.996 (a touching pair no longer
 merged), validation within 0.0004; at 0.2 the same, but one unannotated test cell cut in two. On
 MSC's net, 0.2–0.3 raise validation SEG 0.558 → 0.581 where 0.4 leaves it (test SEG 0.566 →
-0.625 at 0.2, 0.612 at 0.4)."""
+0.612 at 0.3, the one chosen, and at 0.4; 0.625 at 0.2)."""
 
 
 @dataclass(frozen=True)
