@@ -180,12 +180,10 @@ class Postprocess(Stage[PostprocessParams]):
                         "split_level",
                         "foreground_threshold",
                         "edge_shift",
+                        "seed_split_size",
                     )
                 },
                 "postprocess.measure": choice.measure,
-                "postprocess.chosen.seed_split_size": (
-                    "off" if choice.settings.seed_split_size is None else choice.settings.seed_split_size
-                ),
             }
         )
         return {
