@@ -152,8 +152,11 @@ def layered_seeds(
         large = np.flatnonzero(sizes[1:] >= max(min_size, 1)) + 1
         if large.size < 2:
             continue
-        # A piece lies inside one seed (a higher level is a subset), or in a seed's dropped part (0).
-        parents = np.asarray(ndimage.maximum(seeds, pieces, large), np.int64)
+        # A piece lies inside one seed (a higher level is a subset): its parent is the seed's number.
+        parents = np.zeros(number + 1, np.int64)
+        inside = pieces > 0
+        np.maximum.at(parents, pieces[inside], seeds[inside])
+        parents = parents[large]
         boxes = ndimage.find_objects(seeds)
         for parent in np.unique(parents[parents > 0]):
             own = large[parents == parent]

@@ -201,30 +201,36 @@ def choose_postprocessing(
     keeps = list(dict.fromkeys([current.keep_largest] + ([] if instance_labels else [False, True])))
     splits = candidate_split_levels(current.split_level) if instance_labels else [None]
     grid_edge, shift = current.foreground_threshold, current.edge_shift
-    scores: list[CandidateScore] = []
-    for fill in dict.fromkeys([current.fill_holes, True, False]):
-        for threshold in dict.fromkeys(thresholds):
-            scores += _candidates(
-                cases, current, measure, (fill, threshold, grid_edge, shift), splits, keeps, sizes
+    fills = list(dict.fromkeys([current.fill_holes, True, False]))
+    grid: dict[tuple[bool, float | None], list[CandidateScore]] = {}
+    for threshold in dict.fromkeys(thresholds):
+        seeds = [_seeds(case, current, threshold, grid_edge) for case in cases]  # the same for every fill
+        for fill in fills:
+            labelling = (fill, threshold, grid_edge)
+            grid[fill, threshold] = _candidates(
+                cases, current, measure, labelling, seeds, splits, keeps, sizes, [shift]
             )
+    # Fill by fill, the current one first: the order ties are broken in.
+    scores = [
+        score for fill in fills for threshold in dict.fromkeys(thresholds) for score in grid[fill, threshold]
+    ]
     best = _best(scores)
     if all(case.foreground is not None for case in cases):
         for edge in candidate_foreground_thresholds(current.foreground_threshold):
-            scores += _refine(cases, current, measure, best, edge, best.seed_threshold, shift)
+            scores += _refine(cases, current, measure, best, edge, best.seed_threshold, [shift])
         best = _best(scores)
         if best.foreground_threshold != grid_edge:  # the grid scored every seed at its own edge
+            best_edge = best.foreground_threshold
             for threshold in dict.fromkeys(thresholds):
-                scores += _refine(cases, current, measure, best, best.foreground_threshold, threshold, shift)
+                scores += _refine(cases, current, measure, best, best_edge, threshold, [shift])
             best = _best(scores)
-    for steps in candidate_edge_shifts(shift):
-        scores += _refine(
-            cases, current, measure, best, best.foreground_threshold, best.seed_threshold, steps
-        )
+    shifts = candidate_edge_shifts(shift)
+    scores += _refine(cases, current, measure, best, best.foreground_threshold, best.seed_threshold, shifts)
     best = _best(scores)
     for split_size in split_sizes:
         trial = replace(current, seed_split_size=split_size)
         scores += _refine(
-            cases, trial, measure, best, best.foreground_threshold, best.seed_threshold, best.edge_shift
+            cases, trial, measure, best, best.foreground_threshold, best.seed_threshold, [best.edge_shift]
         )
     best = _best(scores)
     settings = current.with_postprocessing(
@@ -256,9 +262,8 @@ def candidate_edge_shifts(current: int) -> list[int]:
     return list(dict.fromkeys([current, 0, *EDGE_SHIFTS]))
 
 
-Labelling = tuple[bool, float | None, float | None, int]
-"""How a candidate forms objects: fill holes, seed threshold and foreground threshold (before
-splitting), and the edge shift (after the size filter)."""
+Labelling = tuple[bool, float | None, float | None]
+"""How a candidate forms objects before splitting: fill holes, seed threshold, foreground threshold."""
 
 
 def _candidates(
@@ -266,26 +271,34 @@ def _candidates(
     current: InferenceSettings,
     measure: Measure,
     labelling: Labelling,
+    seeds: Sequence[np.ndarray | None],
     splits: Sequence[float | None],
     keeps: Sequence[bool],
     sizes: Sequence[int],
+    shifts: Sequence[int],
 ) -> list[CandidateScore]:
-    """Score every (split, keep, size) candidate at one labelling."""
-    fill, threshold, edge, shift = labelling
-    whole = [_instances(case, current, fill, threshold, edge) for case in cases]
+    """Score every (split, keep, size, edge shift) candidate at one labelling of the cases.
+
+    ``seeds`` are each case's seeds at the labelling's seed and foreground thresholds
+    (:func:`_seeds`); one labelling serves every edge shift (it moves the final objects).
+    """
+    whole = [_instances(case, current, labelling, own) for case, own in zip(cases, seeds, strict=True)]
     scores = []
     for split in splits:
         unfiltered = whole if split is None else [split_touching(labels, split) for labels in whole]
         for keep in keeps:
             for size in sizes:
-                predictions = [
-                    final_objects(labels, min_size=size, keep_largest=keep, edge_shift=shift)
-                    for labels in unfiltered
-                ]
-                summary = _score(cases, predictions)
-                scores.append(
-                    _candidate(size, labelling, keep, split, current.seed_split_size, summary, measure)
-                )
+                for shift in shifts:
+                    predictions = [
+                        final_objects(labels, min_size=size, keep_largest=keep, edge_shift=shift)
+                        for labels in unfiltered
+                    ]
+                    summary = _score(cases, predictions)
+                    scores.append(
+                        _candidate(
+                            size, labelling, shift, keep, split, current.seed_split_size, summary, measure
+                        )
+                    )
     return scores
 
 
@@ -296,23 +309,26 @@ def _refine(
     best: CandidateScore,
     edge: float | None,
     threshold: float | None,
-    shift: int,
+    shifts: Sequence[int],
 ) -> list[CandidateScore]:
-    """``best`` at another foreground / seed threshold, shift or ``current``'s seed split size.
+    """``best`` at another foreground / seed threshold, edge shifts or ``current``'s seed split size.
 
-    Nothing when they are ``best``'s own.
+    Leaves out ``best``'s own values; nothing when no others are left.
     """
-    mine = (edge, threshold, shift, current.seed_split_size)
-    if mine == (best.foreground_threshold, best.seed_threshold, best.edge_shift, best.seed_split_size):
+    own = (best.foreground_threshold, best.seed_threshold, best.edge_shift, best.seed_split_size)
+    others = [shift for shift in shifts if (edge, threshold, shift, current.seed_split_size) != own]
+    if not others:
         return []
     return _candidates(
         cases,
         current,
         measure,
-        (best.fill_holes, threshold, edge, shift),
+        (best.fill_holes, threshold, edge),
+        [_seeds(case, current, threshold, edge) for case in cases],
         [best.split_level],
         [best.keep_largest],
         [best.min_object_size],
+        others,
     )
 
 
@@ -327,14 +343,11 @@ def _best(scores: Sequence[CandidateScore]) -> CandidateScore:
     return best
 
 
-def _instances(
-    case: ValidationCase,
-    current: InferenceSettings,
-    fill: bool,
-    threshold: float | None,
-    edge: float | None,
-) -> np.ndarray:
-    settings = current.with_postprocessing(
+def _settings(
+    current: InferenceSettings, fill: bool, threshold: float | None, edge: float | None
+) -> InferenceSettings:
+    """``current`` forming whole objects: no size filter, split or shift."""
+    return current.with_postprocessing(
         min_object_size=0,
         fill_holes=fill,
         seed_threshold=threshold,
@@ -343,10 +356,27 @@ def _instances(
         foreground_threshold=edge,
         edge_shift=0,
     )
-    classes = case.class_map(edge)
+
+
+def _seeds(
+    case: ValidationCase, current: InferenceSettings, threshold: float | None, edge: float | None
+) -> np.ndarray | None:
+    """The case's boundary seeds ``(*spatial)`` at a seed / foreground threshold; None without seeds.
+
+    They do not depend on hole filling, so one computation serves both fills.
+    """
     if threshold is None or case.interior is None:
-        return instances_from_classes(classes, settings)
-    return instances_from_classes(classes, settings, seeds=boundary_seeds(case.interior, classes, settings))
+        return None
+    return boundary_seeds(case.interior, case.class_map(edge), _settings(current, False, threshold, edge))
+
+
+def _instances(
+    case: ValidationCase, current: InferenceSettings, labelling: Labelling, seeds: np.ndarray | None
+) -> np.ndarray:
+    """Whole objects int32 ``(*spatial)`` of the case at a labelling, from its ``seeds`` (:func:`_seeds`)."""
+    fill, threshold, edge = labelling
+    settings = _settings(current, fill, threshold, edge)
+    return instances_from_classes(case.class_map(edge), settings, seeds=seeds)
 
 
 def _score(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray]) -> EvaluationSummary:
@@ -368,13 +398,14 @@ def _score(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray]) -
 def _candidate(
     size: int,
     labelling: Labelling,
+    shift: int,
     keep: bool,
     split: float | None,
     seed_split_size: int | None,
     summary: EvaluationSummary,
     measure: Measure,
 ) -> CandidateScore:
-    fill, threshold, edge, shift = labelling
+    fill, threshold, edge = labelling
     values = {"op_csb": summary.op_csb, "f1": summary.f1, "dice": summary.dice}
     return CandidateScore(
         min_object_size=size,

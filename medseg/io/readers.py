@@ -43,7 +43,9 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRu
     ``(1, I, J[, K])`` with the file's geometry as a RAS affine (mm); a DICOM folder gives
     ``(1, X, Y, Z)`` reoriented to RAS+ (see ``medseg.io.dicom``), the one image series that
     ``series`` selects (default: any image modality); a ``.dcm``/``.seg`` file must be a
-    DICOM SEG label (segment numbers as label values). Labels are int32.
+    DICOM SEG label (segment numbers as label values). Labels are int32. The array is
+    C-contiguous: NIfTI holds Fortran order, and every ``ravel`` of a Fortran-ordered label
+    (each score of each post-processing candidate) would copy it.
 
     Raises:
         DataError: the file is missing, of an unknown type, or unreadable; a folder holds
@@ -74,7 +76,7 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRu
         elif suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
             if array.ndim == 4 and kind == "image":  # channels last (x, y, z, c): channel-first
-                return Volume(array=np.moveaxis(array, -1, 0), affine=affine, kind=kind)
+                return Volume(array=np.ascontiguousarray(np.moveaxis(array, -1, 0)), affine=affine, kind=kind)
         elif suffix in NRRD_SUFFIXES:
             array, affine = _read_nrrd(path)
         else:
@@ -96,7 +98,7 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRu
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
             raise DataError(f"{path.name}: label image has non-integer values; labels must be integers")
         array = array.astype(np.int32)
-    return Volume(array=array[None], affine=affine, kind=kind)
+    return Volume(array=np.ascontiguousarray(array[None]), affine=affine, kind=kind)
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, np.ndarray]:

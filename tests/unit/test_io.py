@@ -17,6 +17,7 @@ def test_label_round_trip_keeps_values_and_geometry(tmp_path, suffix):
     written = write_image(Volume(labels, affine, kind="label"), tmp_path / f"mask{suffix}")
     back = read_image(written, kind="label")
     np.testing.assert_array_equal(back.array, labels)
+    assert back.array.flags.c_contiguous  # NIfTI holds Fortran order: a ravel would copy it every time
     np.testing.assert_allclose(back.affine, affine)
     if suffix != ".tif":
         assert back.spacing == (0.5, 0.25)

@@ -156,6 +156,29 @@ def test_touching_cells_drawn_faintly_are_split_by_layered_seeds_in_tuning_and_i
     assert np.array_equal(instances_from_classes(net_classes, choice.settings, seeds=net_seeds), labels)
 
 
+def test_each_labelling_forms_its_seeds_once_for_both_fills_and_every_edge_shift(monkeypatch):
+    import medseg.inference.predict as predict
+
+    formed: list[tuple[float, int]] = []
+
+    def spy(interior: np.ndarray, foreground: np.ndarray, threshold: float, min_size: int) -> np.ndarray:
+        formed.append((threshold, min_size))
+        return layered_seeds(interior, foreground, threshold, min_size)
+
+    monkeypatch.setattr(predict, "layered_seeds", spy)
+    reference, interior = _touching_cells_drawn_faintly()
+    case = ValidationCase("c", (reference > 0).astype(np.uint8), interior, reference, None, True)
+    boundary = InferenceSettings((40, 40), 0.25, 0, False, target="boundary", seed_threshold=0.8)
+    choice = choose_postprocessing([case], boundary, object_sizes=np.array([300] * 3), instance_labels=True)
+    assert choice.settings.seed_split_size == 90  # the choice the test above asserts, with the spy
+    fills, shifts = {c.fill_holes for c in choice.candidates}, {c.edge_shift for c in choice.candidates}
+    assert fills == {False, True} and shifts == {-2, -1, 0, 1}
+    # The grid's 4 seed thresholds once each (not once per fill), one labelling for the three
+    # other edge shifts, then 90 and 60 voxels: the old code formed them 13 times.
+    grid = [(t, 120) for t in (0.8, 0.35, 0.5, 0.65)]
+    assert formed == [*grid, (choice.chosen.seed_threshold, 120), (0.8, 90), (0.8, 60)]
+
+
 def test_fragments_where_the_label_is_unknown_do_not_steer_the_choice():
     reference, _, classes = _cells_with_fragments()
     sizes = training_object_sizes([reference], instance_labels=True)
