@@ -73,6 +73,30 @@ def previous_sections(path: Path) -> dict[str, str]:
     return sections
 
 
+def with_earlier_notes(measured: str, previous: str | None) -> str:
+    """A re-measured section followed by the notes people wrote under the previous run's table.
+
+    A section is its heading, date line, description and table, then any notes written by hand.
+    Those notes name the previous run's figures, so they are kept after the new table together
+    with that table and its date; a previous section with no notes is simply replaced.
+    """
+    if previous is None:
+        return measured
+    lines = previous.rstrip("\n").split("\n")
+    table = [number for number, line in enumerate(lines) if line.startswith("|")]
+    if not table:
+        return measured
+    end = table[0]
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    notes = "\n".join(lines[end:]).strip()
+    if not notes:
+        return measured
+    when = lines[2] if len(lines) > 2 else "an earlier date"
+    earlier_table = "\n".join(lines[table[0] : end])
+    return f"{measured}\nThe previous run ({when}) and its notes:\n\n{earlier_table}\n\n{notes}\n"
+
+
 def _about(name: str) -> str:
     """A section's description: its module's docstring, or for the later benchmarks of a module
     that runs several, the function's own docstring and where the setup is described."""
@@ -87,7 +111,8 @@ def main() -> None:
     """Run the benchmarks named on the command line (default: all) and update RESULTS.md.
 
     Sections of benchmarks not run this time are kept as they were, each with the date and
-    machine it was measured on; figures measured on a GPU get their own ``(cuda)`` section.
+    machine it was measured on; a section run again keeps the notes written under its previous
+    table (:func:`with_earlier_notes`); figures measured on a GPU get their own ``(cuda)`` section.
     """
     names = sys.argv[1:] or list(BENCHMARKS)
     path = Path(__file__).with_name("RESULTS.md")
@@ -104,7 +129,11 @@ def main() -> None:
             f"## {name}{suffix}\n\n{datetime.date.today()}: {machine()}\n\n{about}\n\n{table}\n"
         )
     # Read the file only now: a run takes up to an hour, and other sections edited meanwhile stay.
-    sections = {**previous_sections(path), **measured}
+    previous = previous_sections(path)
+    sections = {
+        **previous,
+        **{key: with_earlier_notes(text, previous.get(key)) for key, text in measured.items()},
+    }
     keys = [key for name in BENCHMARKS for key in (name, f"{name} (cuda)")]
     ordered = [sections.pop(key) for key in keys if key in sections]
     ordered += list(sections.values())

@@ -106,3 +106,19 @@ def test_planning_benchmarks_smoke(tmp_path):
     single, ensemble = bench_planning.folds(data=data, steps=12, k=2)
     assert single["run"] == "single model (12 steps)"
     assert ensemble["run"] == "2-fold ensemble (12 steps per fold)" and 0 <= ensemble["DET"] <= 1
+
+
+def test_a_rerun_keeps_the_notes_written_under_the_previous_table_with_that_table():
+    from bench.run import markdown, with_earlier_notes
+
+    old_table = markdown([{"method": "medseg", "seg": 0.918}])
+    new_table = markdown([{"method": "medseg", "seg": 0.917}])
+    new = f"## accuracy\n\n2026-12-06: machine B\n\nAbout.\n\n{new_table}\n"
+    bare = f"## accuracy\n\n2026-12-02: machine A\n\nAbout.\n\n{old_table}\n"
+    assert with_earlier_notes(new, None) == new and with_earlier_notes(new, bare) == new
+    merged = with_earlier_notes(new, bare + "\nSEG 0.918 here: the pair is split.\n")
+    assert merged.startswith(new)
+    assert merged[len(new) :] == (
+        f"\nThe previous run (2026-12-02: machine A) and its notes:\n\n{old_table}\n\n"
+        "SEG 0.918 here: the pair is split.\n"
+    )
