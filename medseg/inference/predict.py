@@ -158,7 +158,7 @@ def layered_seeds(
         np.maximum.at(parents, pieces[inside], seeds[inside])
         parents = parents[large]
         boxes = ndimage.find_objects(seeds)
-        for parent in np.unique(parents[parents > 0]):
+        for parent in np.unique(parents):
             own = large[parents == parent]
             if own.size < 2:
                 continue

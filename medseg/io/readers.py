@@ -97,7 +97,7 @@ def read_image(path: str | Path, *, kind: VolumeKind = "image", series: SeriesRu
     if kind == "label":
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
             raise DataError(f"{path.name}: label image has non-integer values; labels must be integers")
-        array = array.astype(np.int32)
+        array = array.astype(np.int32, order="C")  # one copy, already in the order returned
     return Volume(array=np.ascontiguousarray(array[None]), affine=affine, kind=kind)
 
 
