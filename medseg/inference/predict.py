@@ -256,16 +256,24 @@ def drop_small(labels: np.ndarray, count: int, min_size: int, *, keep_largest: b
     """
     if count == 0:
         return labels.astype(np.int32)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = kept_objects(np.bincount(labels.ravel(), minlength=count + 1), min_size, keep_largest=keep_largest)
+    relabel = np.zeros(count + 1, dtype=np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return relabel[labels]
+
+
+def kept_objects(sizes: np.ndarray, min_size: int, *, keep_largest: bool = False) -> np.ndarray:
+    """Which labels :func:`drop_small` keeps: bool ``(count + 1,)`` from voxels per label ``(count + 1,)``.
+
+    Label 0 (background) is never kept; with ``keep_largest`` only the largest kept object is.
+    """
     keep = sizes >= max(min_size, 1)
     keep[0] = False
     if keep_largest and keep.any():
         largest = int(np.argmax(np.where(keep, sizes, -1)))
         keep[:] = False
         keep[largest] = True
-    relabel = np.zeros(count + 1, dtype=np.int32)
-    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return relabel[labels]
+    return keep
 
 
 def segment_instances(

@@ -26,6 +26,10 @@ seed that breaks, at interior probability 0.9, 0.95 or 0.98, into pieces of at l
 of the median training object each is one seed per piece — two touching cells whose shared
 border the net draws too faintly for any seed threshold. The grid runs at the first of
 ``SEED_SPLIT_FRACTIONS``; the last pass tries the others.
+
+The size filter and keep-largest only drop whole objects, so each labelling's unshifted
+candidates are scored from one overlap table per case (:class:`_Overlaps`), not from a
+relabelled image each.
 """
 
 from __future__ import annotations
@@ -41,11 +45,20 @@ from medseg.inference.predict import (
     boundary_seeds,
     final_objects,
     instances_from_classes,
+    kept_objects,
     split_touching,
     thresholded_class_map,
 )
 from medseg.inference.settings import InferenceSettings
-from medseg.metrics.evaluate import EvaluationSummary, evaluate_case, summarize
+from medseg.metrics.detection import detection_from_table
+from medseg.metrics.evaluate import (
+    CaseMetrics,
+    EvaluationSummary,
+    evaluate_case,
+    metrics_from_table,
+    summarize,
+)
+from medseg.metrics.overlap import keep_objects, object_overlaps
 
 Measure = Literal["op_csb", "f1", "dice"]
 SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -286,14 +299,27 @@ def _candidates(
     scores = []
     for split in splits:
         unfiltered = whole if split is None else [split_touching(labels, split) for labels in whole]
+        overlaps = (
+            [_Overlaps.of(case, labels) for case, labels in zip(cases, unfiltered, strict=True)]
+            if 0 in shifts
+            else []
+        )
         for keep in keeps:
             for size in sizes:
                 for shift in shifts:
-                    predictions = [
-                        final_objects(labels, min_size=size, keep_largest=keep, edge_shift=shift)
-                        for labels in unfiltered
-                    ]
-                    summary = _score(cases, predictions)
+                    if shift == 0:
+                        summary = summarize(
+                            [
+                                tables.metrics(case, size, keep)
+                                for case, tables in zip(cases, overlaps, strict=True)
+                            ]
+                        )
+                    else:
+                        predictions = [
+                            final_objects(labels, min_size=size, keep_largest=keep, edge_shift=shift)
+                            for labels in unfiltered
+                        ]
+                        summary = _score(cases, predictions)
                     scores.append(
                         _candidate(
                             size, labelling, shift, keep, split, current.seed_split_size, summary, measure
@@ -377,6 +403,47 @@ def _instances(
     fill, threshold, edge = labelling
     settings = _settings(current, fill, threshold, edge)
     return instances_from_classes(case.class_map(edge), settings, seeds=seeds)
+
+
+@dataclass(frozen=True)
+class _Overlaps:
+    """A case's whole objects (before the size filter) as overlap tables.
+
+    Attributes:
+        sizes: voxels per label ``(count + 1,)``, what the size filter judges.
+        reference: :func:`object_overlaps` of the reference and the objects, unknown voxels
+            background in both (as :func:`evaluate_case` scores them).
+        markers: :func:`object_overlaps` of the markers and the objects, or None.
+
+    """
+
+    sizes: np.ndarray
+    reference: np.ndarray
+    markers: np.ndarray | None
+
+    @classmethod
+    def of(cls, case: ValidationCase, labels: np.ndarray) -> _Overlaps:
+        """The tables of ``labels`` int ``(*spatial)`` (values ``0..count``) on ``case``."""
+        count = int(labels.max(initial=0))
+        known, reference = labels, case.reference
+        if case.ignore is not None:
+            known, reference = np.where(case.ignore, 0, labels), np.where(case.ignore, 0, reference)
+        return cls(
+            sizes=np.bincount(labels.ravel(), minlength=count + 1),
+            reference=object_overlaps(reference, known, count),
+            markers=None if case.markers is None else object_overlaps(case.markers, labels, count),
+        )
+
+    def metrics(self, case: ValidationCase, min_size: int, keep_largest: bool) -> CaseMetrics:
+        """What :func:`evaluate_case` gives for ``final_objects(labels, min_size, keep_largest, 0)``."""
+        keep = kept_objects(self.sizes, min_size, keep_largest=keep_largest)
+        detection = None if self.markers is None else detection_from_table(keep_objects(self.markers, keep))
+        return metrics_from_table(
+            case.case_id,
+            keep_objects(self.reference, keep),
+            detection=detection,
+            fully_annotated=case.fully_annotated,
+        )
 
 
 def _score(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray]) -> EvaluationSummary:

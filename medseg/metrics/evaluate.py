@@ -185,7 +185,42 @@ def evaluate_case(
             detection=detection,
             predicted_sizes=tuple(predicted_sizes.tolist()),
         )
-    table = overlap_table(reference, prediction)
+    surfaces = (
+        surface_distances(reference > 0, prediction > 0, spacing)
+        if surface and fully_annotated
+        else (math.nan, math.nan)
+    )
+    return metrics_from_table(
+        case_id,
+        overlap_table(reference, prediction),
+        detection=detection,
+        fully_annotated=fully_annotated,
+        surfaces=surfaces,
+    )
+
+
+def metrics_from_table(
+    case_id: str,
+    table: np.ndarray,
+    *,
+    detection: DetectionCounts | None = None,
+    fully_annotated: bool = True,
+    surfaces: tuple[float, float] = (math.nan, math.nan),
+) -> CaseMetrics:
+    """The metrics of one case with a segmentation reference, from its overlap table.
+
+    Every metric but the surface distances is a function of the table, so a caller that has
+    the table (the post-processing choice, scoring one labelling under many size filters)
+    skips the pass over the voxels.
+
+    Args:
+        case_id: pseudonymous case id.
+        table: ``overlap_table(reference, prediction)`` (unknown voxels already background).
+        detection: AOGM-D counts against the case's markers, or None.
+        fully_annotated: whether every object of the case is annotated in the reference.
+        surfaces: HD95 and ASSD in mm (kept only for a fully annotated case).
+
+    """
     predicted_sizes = table[:, 1:].sum(axis=0)
     score = seg_from_table(table)
     foreground = ClassMetrics(math.nan, math.nan)
@@ -193,10 +228,7 @@ def evaluate_case(
     reference_sizes: tuple[int, ...] = ()
     if fully_annotated:
         overlap = foreground_from_table(table)
-        hd95, assd = (
-            surface_distances(reference > 0, prediction > 0, spacing) if surface else (math.nan, math.nan)
-        )
-        foreground = ClassMetrics(overlap.iou, overlap.dice, hd95, assd)
+        foreground = ClassMetrics(overlap.iou, overlap.dice, *surfaces)
         objects = tuple(match_objects(table))
         reference_sizes = tuple(table[1:, :].sum(axis=1).tolist())
     return CaseMetrics(

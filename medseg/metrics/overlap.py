@@ -81,6 +81,49 @@ def overlap_table(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     return table
 
 
+def object_overlaps(reference: np.ndarray, prediction: np.ndarray, count: int) -> np.ndarray:
+    """Like :func:`overlap_table`, but with a column for every predicted label ``0..count``.
+
+    A label absent from ``prediction`` keeps its (zero) column, so the table of any subset of
+    the predicted objects follows from this one without another pass over the voxels
+    (:func:`keep_objects`).
+
+    Args:
+        reference: non-negative integer labels, any shape; 0 is background.
+        prediction: integer labels ``0..count``, same shape.
+        count: the highest predicted label.
+
+    Returns:
+        ``(n_ref + 1, count + 1)`` int64: rows as :func:`overlap_table`'s, column ``j`` label ``j``.
+
+    """
+    if reference.shape != prediction.shape:
+        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
+    ref, pred = reference.ravel(), prediction.ravel()
+    objects = (ref != 0) | (pred != 0)
+    background = ref.size - int(np.count_nonzero(objects))
+    ref_ids, ref_index = np.unique(np.concatenate(([0], ref[objects])), return_inverse=True)
+    flat = ref_index[1:] * (count + 1) + pred[objects].astype(np.int64)
+    table = np.bincount(flat, minlength=ref_ids.size * (count + 1)).reshape(ref_ids.size, count + 1)
+    table[0, 0] += background
+    return table
+
+
+def keep_objects(table: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The :func:`overlap_table` of the prediction with only the ``keep`` objects, relabelled ``1..n``.
+
+    Args:
+        table: :func:`object_overlaps` of the whole prediction ``(n_ref + 1, count + 1)``.
+        keep: bool ``(count + 1,)``, which labels stay (``keep[0]`` is ignored); the others
+            become background.
+
+    """
+    kept = keep.copy()
+    kept[0] = False
+    kept &= table.any(axis=0)  # overlap_table lists the labels present only
+    return np.concatenate((table[:, ~kept].sum(axis=1, keepdims=True), table[:, kept]), axis=1)
+
+
 def seg_score(reference: np.ndarray, prediction: np.ndarray) -> SegScore:
     """CTC SEG for one frame or volume of instance labels (2D or 3D).
 

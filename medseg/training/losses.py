@@ -59,6 +59,9 @@ class LossParams(Params):
     """Training loss: ``name`` (a registered loss) and its params.
 
     - ``dice_ce``: Dice + cross-entropy (MONAI ``DiceCELoss``).
+    - ``ce``: cross-entropy alone. Its class probabilities are calibrated: on the GOWT1 example
+      its cell edges sit at probability 0.5 where Dice + cross-entropy draws cells a voxel fat
+      (``bench/RESULTS.md``, post-processing).
     - ``border_ce``: the U-Net paper's weighted cross-entropy, weights
       w(x) = w_c(x) + w0·exp(-(d1+d2)²/(2σ²)) (class balance plus a ridge between objects).
     - ``dice_border_ce``: Dice + ``border_ce``.
@@ -112,7 +115,7 @@ def build_loss(params: LossParams) -> LossFunction:
             if not entry.ignores:
                 raise StageError(
                     f"loss '{params.name}' cannot leave out unknown voxels (ingest.ignore_label or "
-                    "train_on: annotated); use dice_ce, border_ce or dice_border_ce"
+                    "train_on: annotated); use dice_ce, ce, border_ce or dice_border_ce"
                 )
             label = torch.where(unknown, torch.zeros_like(batch["label"]), batch["label"])
             batch = {**batch, "label": label, "valid": (~unknown).float()}
@@ -172,6 +175,16 @@ def _dice_ce(params: LossParams) -> LossFunction:
     return loss
 
 
+def _ce(params: LossParams) -> LossFunction:
+    import torch
+
+    def ce(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        valid = batch.get("valid", torch.ones_like(batch["label"], dtype=torch.float32))
+        return masked_cross_entropy(logits, batch["label"], valid)
+
+    return ce
+
+
 def _border_ce(params: LossParams) -> LossFunction:
     import torch
 
@@ -196,5 +209,6 @@ def _dice_border_ce(params: LossParams) -> LossFunction:
 
 
 LOSSES.register("dice_ce", LossEntry(_dice_ce, ignores=True))
+LOSSES.register("ce", LossEntry(_ce, ignores=True))
 LOSSES.register("border_ce", LossEntry(_border_ce, weighted=True, ignores=True))
 LOSSES.register("dice_border_ce", LossEntry(_dice_border_ce, weighted=True, ignores=True))

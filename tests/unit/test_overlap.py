@@ -3,8 +3,10 @@ import math
 import numpy as np
 import pytest
 
+from medseg.inference.predict import drop_small
 from medseg.io.readers import read_image
 from medseg.metrics import evaluate_case, foreground_from_table, overlap_table, seg_score, summarize
+from medseg.metrics.overlap import keep_objects, object_overlaps
 from medseg.metrics.surface import surface_distances
 from tests.conftest import CTC_FIXTURE, require
 
@@ -16,6 +18,30 @@ def test_overlap_table_counts_every_pair():
     # rows: ref 0,1,2 ; cols: pred 0,5,7
     assert table.tolist() == [[0, 1, 1], [1, 1, 0], [0, 1, 1]]
     assert table.sum() == ref.size
+
+
+def test_object_overlaps_keep_a_column_per_label_and_drop_objects_as_a_size_filter_would():
+    ref = np.array([[0, 1, 1], [2, 2, 0]])
+    pred = np.array([[1, 1, 0], [1, 3, 3]])  # label 2 absent
+    table = object_overlaps(ref, pred, 3)
+    assert table.tolist() == [[0, 1, 0, 1], [1, 1, 0, 0], [0, 1, 0, 1]]
+    assert np.array_equal(keep_objects(table, np.ones(4, bool)), overlap_table(ref, pred))
+    # Dropping label 1 makes its voxels background and label 3 the only object.
+    assert keep_objects(table, np.array([False, False, True, True])).tolist() == [[1, 1], [2, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_size_filters_table_follows_from_the_whole_predictions(seed):
+    rng = np.random.default_rng(seed)
+    ref = rng.integers(0, 6, (24, 24)) * (rng.random((24, 24)) < 0.6)
+    pred = rng.integers(0, 9, (24, 24)) * (rng.random((24, 24)) < 0.5)
+    pred[pred == 4] = 0  # an absent label
+    count = int(pred.max())
+    sizes = np.bincount(pred.ravel(), minlength=count + 1)
+    table = object_overlaps(ref, pred, count)
+    for min_size in sorted(set(sizes.tolist())):
+        kept = drop_small(pred, count, min_size)
+        assert np.array_equal(keep_objects(table, sizes >= max(min_size, 1)), overlap_table(ref, kept))
 
 
 def test_perfect_match_with_other_label_numbers_scores_one():

@@ -40,9 +40,11 @@ def test_masked_losses_equal_monai_where_every_voxel_counts():
     assert torch.allclose(
         masked_dice(logits, label, valid), DiceLoss(to_onehot_y=True, softmax=True)(logits, label)
     )
+    ce = build_loss(LossParams(name="ce"))(logits, {"label": label})
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, label[:, 0]))
 
 
-@pytest.mark.parametrize("name", ["dice_ce", "border_ce", "dice_border_ce"])
+@pytest.mark.parametrize("name", ["dice_ce", "ce", "border_ce", "dice_border_ce"])
 def test_unknown_voxels_leave_the_loss_and_get_no_gradient(name):
     logits, label = _batch(1)
     weight = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)) + 0.5

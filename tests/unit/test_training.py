@@ -334,7 +334,7 @@ def test_3d_training_runs_on_patches_from_memory_or_disk(cache_gib):
     assert result.state_dict["model.0.conv.weight"].shape == (4, 1, 3, 3, 3)
 
 
-@pytest.mark.parametrize("loss", ["dice_ce", "border_ce", "dice_border_ce"])
+@pytest.mark.parametrize("loss", ["dice_ce", "ce", "border_ce", "dice_border_ce"])
 def test_losses_are_finite_on_float16_logits_as_amp_produces(loss):
     from medseg.training.losses import build_loss
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from medseg.inference import tuning
 from medseg.inference.predict import (
     boundary_seeds,
     classes_and_seeds,
+    final_objects,
     instances_from_classes,
     layered_seeds,
     object_class_map,
@@ -29,6 +31,7 @@ from medseg.inference.tuning import (
     selection_measure,
     training_object_sizes,
 )
+from medseg.metrics.evaluate import evaluate_case
 
 
 def _cells_with_fragments() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,6 +194,48 @@ def test_fragments_where_the_label_is_unknown_do_not_steer_the_choice():
     choice = choose_postprocessing([ignored], SETTINGS, object_sizes=sizes, instance_labels=True)
     assert choice.baseline.f1 == 1.0 and choice.baseline.objects_per_case == 4  # as evaluation scores it
     assert choice.settings.min_object_size == 0  # nothing to remove: the trained settings stay
+
+
+@pytest.mark.parametrize("keep_largest", [False, True])
+def test_unshifted_candidates_are_scored_from_one_table_as_evaluation_scores_them(keep_largest):
+    reference, markers, classes = _cells_with_fragments()
+    unknown = np.zeros(reference.shape, bool)
+    unknown[18:24, 18:36] = True  # some fragments, not all, lie where the label is unknown,
+    unknown[40:44, 40:50] = True  # and the top of a cell
+    labels = instances_from_classes(classes, SETTINGS)
+    for case in (
+        ValidationCase("t001", classes, None, reference, markers, fully_annotated=True),
+        ValidationCase("t002", classes, None, reference, None, fully_annotated=False, ignore=unknown),
+    ):
+        tables = tuning._Overlaps.of(case, labels)
+        for size in (0, 4, 5, 100, 101):
+            objects = final_objects(labels, min_size=size, keep_largest=keep_largest, edge_shift=0)
+            expected = evaluate_case(
+                case.case_id,
+                reference,
+                objects,
+                markers=case.markers,
+                fully_annotated=case.fully_annotated,
+                ignore=case.ignore,
+            )
+            assert repr(tables.metrics(case, size, keep_largest)) == repr(expected)
+
+
+def test_the_size_filter_relabels_images_only_for_shifted_candidates(monkeypatch):
+    reference, markers, classes = _cells_with_fragments()
+    sizes = training_object_sizes([reference], instance_labels=True)
+    case = ValidationCase("t001", classes, None, reference, markers, fully_annotated=True)
+    filtered = []
+    original = tuning.final_objects
+
+    def spy(labels, *, min_size, keep_largest, edge_shift):
+        filtered.append(edge_shift)
+        return original(labels, min_size=min_size, keep_largest=keep_largest, edge_shift=edge_shift)
+
+    monkeypatch.setattr(tuning, "final_objects", spy)
+    choice = choose_postprocessing([case], SETTINGS, object_sizes=sizes, instance_labels=True)
+    assert choice.settings.min_object_size == 5 and choice.chosen.det == 1.0
+    assert 0 not in filtered and sorted(set(filtered)) == [-2, -1, 1]
 
 
 def _discs(centres: list[tuple[int, int]], radius: float, shape=(40, 64)) -> np.ndarray:
