@@ -45,6 +45,24 @@ class SegScore:
 _DIRECT_TABLE_LIMIT = 1 << 24
 
 
+def _object_voxels(reference: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The labels int64 ``(n,)`` of the voxels that are an object in either image, and how many are not.
+
+    Background-only voxels (most of a cell image) only add to the table's cell (0, 0), so the
+    tables count them apart.
+
+    Raises:
+        ValueError: the two images differ in shape.
+
+    """
+    if reference.shape != prediction.shape:
+        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
+    ref, pred = reference.ravel(), prediction.ravel()
+    objects = (ref != 0) | (pred != 0)
+    background = ref.size - int(np.count_nonzero(objects))
+    return ref[objects].astype(np.int64), pred[objects].astype(np.int64), background
+
+
 def overlap_table(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     """Count voxels per (reference label, predicted label) pair in one pass over the voxels.
 
@@ -57,14 +75,7 @@ def overlap_table(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
         order, row/column 0 being background (present even if absent from the image).
 
     """
-    if reference.shape != prediction.shape:
-        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
-    ref, pred = reference.ravel(), prediction.ravel()
-    # Background-only voxels (most of a cell image) only add to cell (0, 0): count them apart.
-    objects = (ref != 0) | (pred != 0)
-    background = ref.size - int(np.count_nonzero(objects))
-    ref = ref[objects].astype(np.int64)
-    pred = pred[objects].astype(np.int64)
+    ref, pred, background = _object_voxels(reference, prediction)
     n_ref, n_pred = int(ref.max(initial=0)) + 1, int(pred.max(initial=0)) + 1
     if n_ref * n_pred <= _DIRECT_TABLE_LIMIT:
         # Small label values (the usual case): a dense table, then drop absent labels.
@@ -97,13 +108,9 @@ def object_overlaps(reference: np.ndarray, prediction: np.ndarray, count: int) -
         ``(n_ref + 1, count + 1)`` int64: rows as :func:`overlap_table`'s, column ``j`` label ``j``.
 
     """
-    if reference.shape != prediction.shape:
-        raise ValueError(f"shape mismatch: reference {reference.shape} vs prediction {prediction.shape}")
-    ref, pred = reference.ravel(), prediction.ravel()
-    objects = (ref != 0) | (pred != 0)
-    background = ref.size - int(np.count_nonzero(objects))
-    ref_ids, ref_index = np.unique(np.concatenate(([0], ref[objects])), return_inverse=True)
-    flat = ref_index[1:] * (count + 1) + pred[objects].astype(np.int64)
+    ref, pred, background = _object_voxels(reference, prediction)
+    ref_ids, ref_index = np.unique(np.concatenate(([0], ref)), return_inverse=True)
+    flat = ref_index[1:] * (count + 1) + pred
     table = np.bincount(flat, minlength=ref_ids.size * (count + 1)).reshape(ref_ids.size, count + 1)
     table[0, 0] += background
     return table
