@@ -33,7 +33,7 @@ class Evaluate(Stage[EvaluateParams]):
     """The ``evaluate`` stage (see ``execute``)."""
 
     name = "evaluate"
-    version = 5
+    version = 6
     params = EvaluateParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(report=Kind.REPORT)

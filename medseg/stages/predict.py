@@ -117,7 +117,7 @@ class Predict(Stage[PredictParams]):
     """The ``predict`` stage (see ``execute``)."""
 
     name = "predict"
-    version = 1
+    version = 2
     params = PredictParams
     inputs = ports(images=Kind.IMAGES, model=Kind.EXPORT)
     outputs = ports(labels=Kind.LABELS)

@@ -170,7 +170,7 @@ class Train(Stage[TrainParams]):
     """The ``train`` stage (see ``execute``)."""
 
     name = "train"
-    version = 7
+    version = 8
     params = TrainParams
     inputs = ports(dataset=Kind.DATASET)
     outputs = ports(model=Kind.MODEL)

@@ -61,6 +61,50 @@ def test_unseeded_foreground_becomes_its_own_object_and_small_ones_drop():
     assert instances.max() == 1 and np.count_nonzero(instances) == 16
 
 
+def test_a_cell_with_one_seed_stays_whole_though_a_neighbour_s_seed_is_nearer_to_its_far_end():
+    classes = np.zeros((5, 40), np.uint8)
+    classes[1:4, 0:21] = 2  # a long cell, its seed at the left end
+    classes[2, 1:3] = 1
+    classes[1:4, 23:27] = 2  # a separate small cell two pixels to the right
+    classes[2, 24:26] = 1
+    instances = boundary_to_instances(classes, min_size=1, fill_holes=False)
+    # Pixels 13-20 of the long cell lie nearer the small cell's seed than their own; they
+    # belong to their own component's seed, not to a fragment of their own.
+    assert instances.max() == 2
+    assert (instances[1:4, 0:21] == instances[2, 1]).all() and instances[2, 1] > 0
+    assert (instances[1:4, 23:27] == instances[2, 24]).all() and instances[2, 24] not in (0, instances[2, 1])
+
+
+def test_several_seeds_in_one_component_share_it_by_distance_and_others_stay_whole():
+    classes = np.zeros((9, 30), np.uint8)
+    classes[1:8, 1:20] = 2  # one component, two seeds: split at the midline between them
+    classes[3:6, 3:6] = 1
+    classes[3:6, 14:17] = 1
+    classes[1:8, 24:29] = 2  # another component, one seed
+    classes[4, 26] = 1
+    instances = boundary_to_instances(classes, min_size=1, fill_holes=False)
+    left, right, other = instances[4, 4], instances[4, 15], instances[4, 26]
+    assert len({left, right, other, 0}) == 4 and instances.max() == 3
+    # Columns up to 9 are nearer the left seed (columns 3-5), from 10 on the right one (14-16).
+    assert (instances[1:8, 1:10] == left).all() and (instances[1:8, 10:20] == right).all()
+    assert (instances[1:8, 24:29] == other).all()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (12, 16, 20)])
+def test_filled_equals_scipy_fill_holes(shape):
+    from scipy import ndimage
+
+    from medseg.inference.predict import filled
+
+    rng = np.random.default_rng(len(shape))
+    for density in (0.2, 0.5, 0.7, 0.9):
+        mask = rng.random(shape) < density
+        expected = ndimage.binary_fill_holes(mask)
+        assert (filled(mask) == expected).all()
+        assert density < 0.7 or (expected & ~mask).any()  # dense masks enclose background: holes were filled
+    assert not filled(np.zeros(shape, bool)).any() and filled(np.ones(shape, bool)).all()
+
+
 @pytest.mark.parametrize("objects", [True, False])
 def test_object_patches_centre_on_annotated_objects_never_on_unknown_voxels(objects):
     instances = np.zeros((64, 64), np.int32)
