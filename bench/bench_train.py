@@ -6,7 +6,9 @@ medseg's loop adds what it does in a real run: per-epoch reseeding, the LR sched
 per-epoch checkpoint (written to a temp folder) and the metric callback. Validation is off in
 both. The figure is the median seconds per optimiser step over repetitions (after one warm-up
 run), and the ratio medseg / plain (target ≤ 1.05). On CUDA, both use AMP (float16 autocast
-with a gradient scaler).
+with a gradient scaler). On a CPU a second row runs medseg's loop with ``train.compile`` (its
+one-off compile falls in the warm-up run) against the same plain eager loop: its ratio is the
+speed-up a compiled step buys (target < 1).
 """
 
 from __future__ import annotations
@@ -90,12 +92,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(*, repetitions: int = 3, epochs: int = 3, cases: int = 8, size: int = 256) -> list[dict[str, object]]:
-    """One row per configuration: seconds per step of both loops and their ratio."""
+def run(
+    *, repetitions: int = 3, epochs: int = 3, cases: int = 8, size: int = 256, compiled: bool = True
+) -> list[dict[str, object]]:
+    """One row per configuration: seconds per step of both loops and their ratio.
+
+    ``compiled`` adds the CPU row of medseg's loop with ``train.compile`` (a minute of compiling).
+    """
     device = resolve_device("auto")
     configurations: dict[str, dict[str, object]] = {"UNet 16-128, 4×4 patches 128²": {}}
     if device.type == "cuda":  # the paper's 31 M-parameter net takes seconds per step on a CPU
         configurations["Ronneberger 64-1024, 4×4 patches 128²"] = {"net": {"architecture": "ronneberger"}}
+    elif compiled:
+        configurations["UNet 16-128, 4×4 patches 128², medseg compiled"] = {"compile": True}
     data = phantom_cases(cases, size)
     rows = []
     for name, overrides in configurations.items():
@@ -131,7 +140,7 @@ def run(*, repetitions: int = 3, epochs: int = 3, cases: int = 8, size: int = 25
                 "medseg_s_per_step": round(medseg_s, 4),
                 "plain_monai_s_per_step": round(plain_s, 4),
                 "ratio": round(medseg_s / plain_s, 3),
-                "target": "ratio <= 1.05",
+                "target": "ratio < 1" if overrides.get("compile") else "ratio <= 1.05",
             }
         )
     return rows

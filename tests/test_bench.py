@@ -38,8 +38,8 @@ def test_seg_benchmark_smoke():
 
 
 def test_train_benchmark_smoke():
-    rows = bench_train.run(repetitions=1, epochs=1, cases=2, size=64)
-    assert rows[0]["benchmark"].startswith("train step, UNet")
+    rows = bench_train.run(repetitions=1, epochs=1, cases=2, size=64, compiled=False)
+    assert len(rows) == 1 and rows[0]["benchmark"].startswith("train step, UNet")
     assert rows[0]["medseg_s_per_step"] > 0 and rows[0]["plain_monai_s_per_step"] > 0
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from medseg.collective import Collective, broadcast_flag, current, mean_over_ranks
-from medseg.errors import DataError, StageError
+from medseg.errors import ConfigError, DataError, StageError
 from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
 from medseg.nets.unet import build_net
@@ -289,7 +290,7 @@ def fit_steps_budget(params: TrainParams, samples: int, validates: bool, world: 
     """
     if params.budget is None or params.budget.steps is None:
         return params
-    per_epoch = max(1, math.ceil(samples / (params.batch_size * world)))
+    per_epoch = steps_per_epoch(samples, params, world)
     epochs = max(1, round(params.budget.steps / per_epoch))
     if validates and params.budget.steps < per_epoch * min(params.val_every, epochs):
         raise DataError(
@@ -298,6 +299,18 @@ def fit_steps_budget(params: TrainParams, samples: int, validates: bool, world: 
             "train.val_every / train.samples_per_image"
         )
     return params.model_copy(update={"epochs": epochs})
+
+
+def steps_per_epoch(samples: int, params: TrainParams, world: int) -> int:
+    """Optimiser steps per rank in an epoch over ``samples`` dataset items.
+
+    A compiled run drops the last partial batch (one graph shape for every step) unless the
+    epoch holds no full batch.
+    """
+    batch = params.batch_size * world
+    if params.compile and samples >= batch:
+        return samples // batch
+    return max(1, math.ceil(samples / batch))
 
 
 class _Clock:
@@ -309,12 +322,16 @@ class _Clock:
         self.resumed_from = state.epoch
         self.steps = 0.0
         self.rate = 0.0
+        self.first_lap = 0.0  # seconds of this session's first epoch
         self.seconds = (
             0.0 if params.budget is None or params.budget.minutes is None else params.budget.minutes * 60
         )
 
     def lap(self, session: _Session, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record the epoch; with a minutes budget, fit the schedule after epoch 1 and say when to stop.
+        """Record the epoch; with a minutes budget, fit the schedule and say when to stop.
+
+        The schedule is fitted after epoch 1, or for a compiled run after epoch 2 on that
+        epoch's time (the first holds the compile).
 
         Raises:
             StageError: the first epoch and its validation alone took longer than the budget.
@@ -328,14 +345,23 @@ class _Clock:
         if not self.seconds:
             return False
         per_epoch = here / (epoch - self.resumed_from)
-        if epoch == 1:
-            if elapsed > self.seconds:
-                raise StageError(
-                    f"train.budget.minutes={self.seconds / 60:g} is too small for one epoch and its "
-                    f"validation ({elapsed / 60:.1f} min here); raise the budget to at least "
-                    f"{2 * elapsed / 60:.0f} min or use fewer samples_per_image"
-                )
-            fit = max(1, min(session.params.epochs, int(self.seconds // per_epoch)))
+        if epoch == 1 and elapsed > self.seconds:
+            raise StageError(
+                f"train.budget.minutes={self.seconds / 60:g} is too small for one epoch and its "
+                f"validation ({elapsed / 60:.1f} min here); raise the budget to at least "
+                f"{2 * elapsed / 60:.0f} min or use fewer samples_per_image"
+            )
+        if epoch == self.resumed_from + 1:
+            self.first_lap = here
+        # A compiled run's first epoch holds the compile: its schedule is fitted on the second alone.
+        compiled = session.params.compile
+        if not session.state.fitted_epochs and epoch == self.resumed_from + (2 if compiled else 1):
+            fitting = (
+                1 + int((self.seconds - self.first_lap) // (here - self.first_lap))
+                if compiled
+                else int(self.seconds // here)
+            )
+            fit = max(1, min(session.params.epochs, fitting))
             session.state.fitted_epochs = fit
             session.params = session.params.model_copy(update={"epochs": fit})
             _set_horizon(session.scheduler, fit)
@@ -378,9 +404,16 @@ def _start(params: TrainParams, channels: int, seed: int, checkpoint: Path | Non
     net = build_training_net(params, channels).to(device)
     model: torch.nn.Module = net
     if collective.world_size > 1:
+        if params.compile:
+            raise ConfigError(
+                "train.compile is not supported under torchrun; set train.compile: false for a "
+                "distributed run"
+            )
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == "cuda" else None
         )
+    elif params.compile:
+        model = torch.compile(net)  # shares net's parameters: validation and checkpoints use net
     optimizer = build_optimizer(net.parameters(), params.optim)
     scheduler = _scheduler(optimizer, params)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -446,19 +479,32 @@ def _train_epoch(session: _Session, loader: Any, epoch: int) -> list[float]:
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=session.use_amp):
-            logits = session.model(batch["image"])
-        loss = session.loss(logits, batch)
-        if not torch.isfinite(loss):
-            raise StageError(
-                f"training loss became {loss.item()} at epoch {epoch}; the checkpoint of epoch "
-                f"{epoch - 1} is kept. Lower train.optim.lr or check the intensity normalisation"
-            )
-        scaler.scale(loss).backward()
+        with _compiler_errors():
+            with torch.autocast(device.type, enabled=session.use_amp):
+                logits = session.model(batch["image"])
+            loss = session.loss(logits, batch)
+            if not torch.isfinite(loss):
+                raise StageError(
+                    f"training loss became {loss.item()} at epoch {epoch}; the checkpoint of epoch "
+                    f"{epoch - 1} is kept. Lower train.optim.lr or check the intensity normalisation"
+                )
+            scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         losses.append(float(loss.item()))
     return losses
+
+
+@contextmanager
+def _compiler_errors() -> Iterator[None]:
+    """Turn a failed ``torch.compile`` of the training step (forward or backward) into a StageError."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        raise StageError(
+            f"torch.compile could not build the training step ({type(error.inner_exception).__name__}); "
+            "set train.compile: false, or install a C++ compiler and the Python headers"
+        ) from error
 
 
 def _validate_epoch(
@@ -501,8 +547,14 @@ def _loader(dataset: Any, params: TrainParams, seed: int, rank: int, world: int)
         if world > 1
         else {"shuffle": True}
     )
+    drop_last = params.compile and world == 1 and len(dataset) >= params.batch_size
     return DataLoader(
-        dataset, batch_size=params.batch_size, num_workers=params.num_workers, generator=generator, **order
+        dataset,
+        batch_size=params.batch_size,
+        num_workers=params.num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        **order,
     )
 
 

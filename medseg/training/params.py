@@ -70,6 +70,7 @@ PLANNED = (
     "epochs",
     "epoch_repeats",
     "val_every",
+    "compile",
 )
 """The train params a plan decides when the workflow leaves them unset (dotted, as in workflows)."""
 
@@ -81,6 +82,9 @@ class PlanningParams(Params):
     and optimiser state, measured by a trial step on the training device (CPU RAM or GPU
     memory). ``base_channels`` defaults to 16 (2D) or 8 (3D); ``max_patch_voxels`` to 256²
     (2D) or 64³ (3D) — sizes a 2-core CPU trains in minutes; raise both on a GPU.
+    ``compile`` is planned on for a single CPU process with a C++ compiler when the trial step
+    says training takes ``compile_min_minutes`` or more (the one-off compile, about a minute,
+    pays back).
     """
 
     memory_gib: float = Field(2.0, gt=0)
@@ -93,6 +97,7 @@ class PlanningParams(Params):
     steps: int = Field(1500, ge=1)
     steps_per_epoch: int = Field(25, ge=1)
     validations: int = Field(10, ge=1)
+    compile_min_minutes: float = Field(5.0, gt=0)
 
 
 class TrainParams(Params):
@@ -113,6 +118,12 @@ class TrainParams(Params):
     of data-loading processes that prepare patches beside the training loop). Cases are held
     in memory when they fit in ``cache_gib``, else read from disk for every patch. The
     resumable checkpoint is written every ``checkpoint_every`` epochs (and at the end).
+    ``compile`` runs the training step through ``torch.compile`` (inductor; on a CPU it needs a
+    C++ compiler and the Python headers): after a one-off compile in the first epoch (about a
+    minute on 2 cores) each step is faster (1.48× for the GOWT1 example's net on 2 CPU cores),
+    the numbers differ from eager ones in the low bits, and runs stay reproducible for a seed. Each
+    epoch then drops its last partial batch, so that one compiled graph serves every step;
+    validation and inference run uncompiled. Not under ``torchrun``.
     ``budget`` replaces ``epochs`` by a number of optimiser steps or minutes (``TrainBudget``).
     ``folds`` > 1 trains a k-fold cross-validation over the pooled train and val cases (each
     fold validates on its own cases; the budget is per fold) and keeps all fold models as one
@@ -148,6 +159,7 @@ class TrainParams(Params):
     cache_gib: float = Field(4.0, ge=0)
     num_workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=1)
+    compile: bool = False
     planning: PlanningParams = Field(default_factory=PlanningParams)
     folds: int = Field(1, ge=1)
 

@@ -23,18 +23,23 @@ sized for the machine at hand):
   ``epochs`` or a budget; unless ``epochs`` is set, ``epoch_repeats`` so an epoch has about
   ``planning.steps_per_epoch`` steps (fewer when a small steps budget would otherwise validate
   less than ``planning.validations`` times); ``val_every`` for about ``planning.validations``
-  validations.
+  validations;
+- ``compile``: on for one CPU process with a C++ compiler when the trial step says training
+  takes at least ``planning.compile_min_minutes`` (``can_compile``).
 """
 
 from __future__ import annotations
 
 import math
+import sysconfig
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from medseg.collective import current
 from medseg.errors import ConfigError
 from medseg.io.fingerprint import Fingerprint
 from medseg.nets.unet import axis_divisors
@@ -328,10 +333,23 @@ def plan_training(
         epoch_steps = max(1, min(epoch_steps, budget.steps // planning.validations))
     if "epochs" not in fixed:  # epochs set by hand keep their meaning: passes over the cases
         choose("epoch_repeats", max(1, round(epoch_steps * batch / max(1, train_cases))))
+    from medseg.training.loop import steps_per_epoch
+
     repeats = update.get("epoch_repeats", params.epoch_repeats)
-    per_epoch = max(1, math.ceil(max(1, train_cases) * repeats / batch))
+    samples = max(1, train_cases) * repeats
+    step_seconds = trial.seconds_per_patch * batch * spi
     if budget is not None and budget.minutes is not None:
-        step_seconds = trial.seconds_per_patch * batch * spi
+        seconds_expected = budget.minutes * 60
+    elif budget is not None and budget.steps is not None:
+        seconds_expected = budget.steps * step_seconds
+    else:
+        seconds_expected = params.epochs * math.ceil(samples / batch) * step_seconds
+    choose("compile", seconds_expected >= planning.compile_min_minutes * 60 and can_compile(device))
+    compiled = params.model_copy(
+        update={"batch_size": batch, "compile": update.get("compile", params.compile)}
+    )
+    per_epoch = steps_per_epoch(samples, compiled, 1)
+    if budget is not None and budget.minutes is not None:
         epochs_expected = max(1, int(budget.minutes * 60 / max(step_seconds * per_epoch, 1e-9)))
         choose("epochs", UNTIL_BUDGET)
     elif budget is not None and budget.steps is not None:
@@ -361,6 +379,24 @@ def plan_training(
         "object_diameter_median": fingerprint.objects.diameter_median if fingerprint.objects else None,
     }
     return Plan(resolved, values, origins, facts)
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether ``torch.compile`` is planned on ``device``.
+
+    Yes for one CPU process with a C++ compiler and the Python headers (what inductor's CPU
+    backend builds with); not on CUDA, where its gain was not measured.
+    """
+    if device.type != "cpu" or current().world_size > 1:
+        return False
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return False
+    return Path(sysconfig.get_paths()["include"], "Python.h").is_file()
 
 
 def _get(params: TrainParams, key: str) -> Any:

@@ -97,6 +97,34 @@ def test_plan_fills_unset_values_and_keeps_set_ones():
     assert kept.params.val_every == 1
 
 
+def test_compile_is_planned_when_the_trial_says_training_takes_minutes_and_a_compiler_builds():
+    from torch._inductor import config
+
+    from medseg.training.loop import steps_per_epoch
+    from medseg.training.planning import can_compile
+
+    fingerprint = _cells_fingerprint()
+    long = plan_training(fingerprint, TrainParams(), train_cases=14, device=CPU)  # 1 500 steps of 256²
+    assert can_compile(CPU) and long.params.compile and long.origins["compile"] == "planned"
+    # A compiled epoch drops its last partial batch: the planned epochs follow from whole batches.
+    samples = 14 * long.params.epoch_repeats
+    assert (
+        long.facts["steps_per_epoch"]
+        == steps_per_epoch(samples, long.params, 1)
+        == samples // long.params.batch_size
+    )
+    short = TrainParams.model_validate({"budget": {"steps": 20}})
+    assert not plan_training(fingerprint, short, train_cases=14, device=CPU).params.compile
+    kept = TrainParams.model_validate({"budget": {"steps": 20}, "compile": True})
+    assert plan_training(fingerprint, kept, train_cases=14, device=CPU).origins["compile"] == "set"
+
+    with config.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+        assert not can_compile(CPU)
+        assert not plan_training(fingerprint, TrainParams(), train_cases=14, device=CPU).params.compile
+    assert can_compile(CPU)
+    assert not can_compile(torch.device("meta"))  # only CPU processes are planned to compile
+
+
 def test_loggable_leaves_out_what_the_plan_decides():
     params = TrainParams.model_validate({"patch_size": [64, 64], "optim": {"lr": 0.01}})
     logged = params.loggable()

@@ -273,6 +273,33 @@ def test_same_seed_same_weights_and_another_seed_differs():
     assert [h["train/loss"] for h in first.history] == [h["train/loss"] for h in second.history]
 
 
+def test_a_compiled_run_drops_partial_batches_reproduces_and_a_broken_compiler_is_a_clear_error(
+    tmp_path, monkeypatch
+):
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+
+    params = tiny_params(epochs=2, compile=True)  # 3 cases in batches of 2: one full batch per epoch
+    graphs = counters["stats"]["unique_graphs"]
+    first, epochs = train(params)
+    assert counters["stats"]["unique_graphs"] > graphs  # the training step ran compiled
+    assert epochs == [1, 2] and [h["train/steps"] for h in first.history] == [1.0, 1.0]
+    second, _ = train(params)
+    assert same_weights(first.last_state_dict, second.last_state_dict)
+    assert first.history == second.history
+    assert [h["train/steps"] for h in train(tiny_params(epochs=1))[0].history] == [2.0]  # eager keeps it
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no kernel built before
+    broken = {"fx_graph_cache": False, "cpp.cxx": (None, "/nonexistent/c++")}
+    with (
+        config.patch(broken),
+        pytest.raises(StageError, match=r"could not build the training step .*compile: false"),
+    ):
+        train(tiny_params(epochs=1, compile=True))
+    torch._dynamo.reset()
+
+
 def test_resume_from_checkpoint_ends_identical_to_an_uninterrupted_run(tmp_path):
     params = tiny_params()
     uninterrupted, _ = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
