@@ -344,24 +344,22 @@ class _Clock:
         self.rate = self.steps / max(here, 1e-9)
         if not self.seconds:
             return False
-        per_epoch = here / (epoch - self.resumed_from)
         if epoch == 1 and elapsed > self.seconds:
             raise StageError(
                 f"train.budget.minutes={self.seconds / 60:g} is too small for one epoch and its "
                 f"validation ({elapsed / 60:.1f} min here); raise the budget to at least "
                 f"{2 * elapsed / 60:.0f} min or use fewer samples_per_image"
             )
-        if epoch == self.resumed_from + 1:
+        laps = epoch - self.resumed_from
+        if laps == 1:
             self.first_lap = here
-        # A compiled run's first epoch holds the compile: its schedule is fitted on the second alone.
+        # A compiled session's first epoch holds the compile: later epochs are timed without it.
         compiled = session.params.compile
-        if not session.state.fitted_epochs and epoch == self.resumed_from + (2 if compiled else 1):
-            fitting = (
-                1 + int((self.seconds - self.first_lap) // (here - self.first_lap))
-                if compiled
-                else int(self.seconds // here)
-            )
-            fit = max(1, min(session.params.epochs, fitting))
+        if compiled and laps == 1:  # how long an epoch takes is known after the second
+            return epoch >= session.params.epochs
+        per_epoch = (here - self.first_lap) / (laps - 1) if compiled else here / laps
+        if not session.state.fitted_epochs and laps == (2 if compiled else 1):
+            fit = max(1, min(session.params.epochs, epoch + int((self.seconds - elapsed) // per_epoch)))
             session.state.fitted_epochs = fit
             session.params = session.params.model_copy(update={"epochs": fit})
             _set_horizon(session.scheduler, fit)

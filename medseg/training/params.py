@@ -41,9 +41,9 @@ class TrainBudget(Params):
 
     The schedule (learning rate over epochs, the last validation) fits the budget instead of
     ``train.epochs``. ``steps`` becomes a whole number of epochs; ``minutes`` is measured on
-    the first epoch (training and validation) and the rest is fitted to it, so two runs may
-    differ by an epoch. Every run records ``train/steps_per_s``, so a steps budget can be
-    set from a minutes run on the same machine.
+    the first epoch (training and validation; a compiled run: the second, as the first holds the
+    compile) and the rest is fitted to it, so two runs may differ by an epoch. Every run records
+    ``train/steps_per_s``, so a steps budget can be set from a minutes run on the same machine.
     """
 
     steps: int | None = Field(None, ge=1)

@@ -481,6 +481,19 @@ def test_budgets_too_small_for_one_validation_are_refused():
         tiny_params(budget={"steps": 10, "minutes": 5})
 
 
+def test_a_compiled_run_fits_a_minutes_budget_on_its_second_epoch(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import medseg.training.loop as loop
+
+    # The run's clock (read at its start, then once per epoch): a 40 s first epoch that holds the
+    # compile, then 10 s epochs. Fitted on epoch 1, a minute would buy 1 epoch; on epoch 2, 3.
+    ticks = iter([0.0, 40.0, 50.0, 60.0, 70.0])
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    result, epochs = train(tiny_params(epochs=50, budget={"minutes": 1.0}, compile=True))
+    assert epochs == [1, 2, 3] and result.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_a_minutes_budget_fits_epochs_once_and_a_resumed_run_keeps_them(tmp_path, monkeypatch):
     import itertools
 
