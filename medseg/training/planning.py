@@ -24,8 +24,9 @@ sized for the machine at hand):
   ``planning.steps_per_epoch`` steps (fewer when a small steps budget would otherwise validate
   less than ``planning.validations`` times); ``val_every`` for about ``planning.validations``
   validations;
-- ``compile``: on for one CPU process with a C++ compiler when the trial step says training
-  takes at least ``planning.compile_min_minutes`` (``can_compile``).
+- ``compile``: on for one CPU process with a C++ compiler when the run pushes at least
+  ``planning.compile_min_megavoxels`` million patch voxels through the net (steps × patches per
+  step × patch voxels: decided from the plan, not from timings, so reruns plan the same).
 """
 
 from __future__ import annotations
@@ -339,12 +340,13 @@ def plan_training(
     samples = max(1, train_cases) * repeats
     step_seconds = trial.seconds_per_patch * batch * spi
     if budget is not None and budget.minutes is not None:
-        seconds_expected = budget.minutes * 60
+        steps_expected = budget.minutes * 60 / max(step_seconds, 1e-9)
     elif budget is not None and budget.steps is not None:
-        seconds_expected = budget.steps * step_seconds
+        steps_expected = budget.steps
     else:
-        seconds_expected = params.epochs * math.ceil(samples / batch) * step_seconds
-    choose("compile", seconds_expected >= planning.compile_min_minutes * 60 and can_compile(device))
+        steps_expected = params.epochs * math.ceil(samples / batch)
+    megavoxels = steps_expected * batch * spi * math.prod(patch) / 1e6
+    choose("compile", megavoxels >= planning.compile_min_megavoxels and can_compile(device))
     compiled = params.model_copy(
         update={"batch_size": batch, "compile": update.get("compile", params.compile)}
     )

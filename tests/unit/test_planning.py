@@ -113,8 +113,12 @@ def test_compile_is_planned_when_the_trial_says_training_takes_minutes_and_a_com
         == steps_per_epoch(samples, long.params, 1)
         == samples // long.params.batch_size
     )
-    short = TrainParams.model_validate({"budget": {"steps": 20}})
-    assert not plan_training(fingerprint, short, train_cases=14, device=CPU).params.compile
+    # Decided from the plan, not from timings: the run's patch voxels against the threshold.
+    patch_voxels = long.params.batch_size * long.params.samples_per_image * 256 * 256
+    steps = math.ceil(PlanningParams().compile_min_megavoxels * 1e6 / patch_voxels)
+    for budget, compiles in ((steps, True), (steps - 1, False)):
+        params = TrainParams(budget={"steps": budget})
+        assert plan_training(fingerprint, params, train_cases=14, device=CPU).params.compile is compiles
     kept = TrainParams.model_validate({"budget": {"steps": 20}, "compile": True})
     assert plan_training(fingerprint, kept, train_cases=14, device=CPU).origins["compile"] == "set"
 
