@@ -137,7 +137,8 @@ def boundary_to_instances(
     else:
         seeds, count = ndimage.label(classes == 1 if seeds is None else seeds & foreground)
     components, number = ndimage.label(foreground)
-    labels = np.zeros(foreground.shape, np.int32)
+    seeds_in = np.zeros(number + 1, np.int64)
+    owner = np.zeros(number + 1, np.int32)
     if count:
         seeded = seeds > 0
         # Each (component, seed) pair present, as component · (count + 1) + seed.
@@ -146,19 +147,19 @@ def boundary_to_instances(
         )
         seeds_in = np.bincount(component_of, minlength=number + 1)
         alone = seeds_in[component_of] == 1
-        owner = np.zeros(number + 1, np.int32)
         owner[component_of[alone]] = seed_of[alone]
-        labels = owner[components]
-        boxes = ndimage.find_objects(components)
-        for component in np.flatnonzero(seeds_in >= 2):
-            box = boxes[component - 1]
-            inside = components[box] == component
-            own = np.where(inside, seeds[box], 0)
-            _, nearest = ndimage.distance_transform_edt(own == 0, return_indices=True)
-            labels[box][inside] = own[tuple(nearest)][inside]
-    unseeded, extra = ndimage.label(foreground & (labels == 0))
-    labels = np.where(unseeded > 0, unseeded + count, labels)
-    return drop_small(labels, count + extra, min_size)
+    # Components without a seed are objects of their own, numbered after the seeds.
+    unseeded = np.flatnonzero(seeds_in[1:] == 0) + 1
+    owner[unseeded] = count + np.arange(1, unseeded.size + 1)
+    labels = owner[components]
+    boxes = ndimage.find_objects(components)
+    for component in np.flatnonzero(seeds_in >= 2):
+        box = boxes[component - 1]
+        inside = components[box] == component
+        own = np.where(inside, seeds[box], 0)
+        _, nearest = ndimage.distance_transform_edt(own == 0, return_indices=True)
+        labels[box][inside] = own[tuple(nearest)][inside]
+    return drop_small(labels, count + unseeded.size, min_size)
 
 
 SEED_LEVELS = (0.9, 0.95, 0.98)

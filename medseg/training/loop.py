@@ -302,15 +302,19 @@ def fit_steps_budget(params: TrainParams, samples: int, validates: bool, world: 
 
 
 def steps_per_epoch(samples: int, params: TrainParams, world: int) -> int:
-    """Optimiser steps per rank in an epoch over ``samples`` dataset items.
-
-    A compiled run drops the last partial batch (one graph shape for every step) unless the
-    epoch holds no full batch.
-    """
+    """Optimiser steps per rank in an epoch over ``samples`` dataset items."""
     batch = params.batch_size * world
-    if params.compile and samples >= batch:
+    if _drops_partial_batch(samples, params, world):
         return samples // batch
     return max(1, math.ceil(samples / batch))
+
+
+def _drops_partial_batch(samples: int, params: TrainParams, world: int) -> bool:
+    """Whether an epoch of ``samples`` items drops its last partial batch.
+
+    A compiled run does (one graph shape for every step) unless the epoch holds no full batch.
+    """
+    return params.compile and samples >= params.batch_size * world
 
 
 class _Clock:
@@ -545,13 +549,12 @@ def _loader(dataset: Any, params: TrainParams, seed: int, rank: int, world: int)
         if world > 1
         else {"shuffle": True}
     )
-    drop_last = params.compile and world == 1 and len(dataset) >= params.batch_size
     return DataLoader(
         dataset,
         batch_size=params.batch_size,
         num_workers=params.num_workers,
         generator=generator,
-        drop_last=drop_last,
+        drop_last=_drops_partial_batch(len(dataset), params, world),
         **order,
     )
 
