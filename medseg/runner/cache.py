@@ -226,7 +226,9 @@ class StageCache:
                 "key": manifest.key,
                 "digest": manifest.output_digests[name],
             }
-            (directory / ARTIFACT_FILE).write_text(json.dumps(record, indent=2))
+            path = directory / ARTIFACT_FILE
+            path.unlink(missing_ok=True)  # a hard link to an input's record must not be written through
+            path.write_text(json.dumps(record, indent=2))
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
         target = self.entry(manifest.key)
         if target.exists():

@@ -85,6 +85,7 @@ class Postprocess(Stage[PostprocessParams]):
         from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
         from medseg.io.dataset import load_case, load_ignore, load_markers, read_index
         from medseg.io.readers import read_image
+        from medseg.runner.cache import ARTIFACT_FILE
         from medseg.training.loop import resolve_device
 
         folder, model_in, model_out = inputs["dataset"], inputs["model"], outputs["model"]
@@ -99,7 +100,7 @@ class Postprocess(Stage[PostprocessParams]):
         )
         current = card.inference
         for path in model_in.iterdir():
-            if path.is_file() and path.name != CARD_FILE:
+            if path.is_file() and path.name not in (CARD_FILE, ARTIFACT_FILE):
                 _link_or_copy(path, model_out / path.name)
         if not params.search or not records:
             reason = (

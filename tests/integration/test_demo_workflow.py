@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.demo import write_phantom_ctc
+from medseg.runner.cache import ARTIFACT_FILE
 from tests.integration.helpers import FAST_TRAIN, child_runs, spy_on_stages, write_workflow
 
 pytestmark = pytest.mark.integration
@@ -34,6 +37,10 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     for key in ("eval/seg", "eval/iou", "eval/dice"):
         assert 0.0 <= first.metrics[key] <= 1.0
     assert first.metrics["eval/n_cases"] == 2.0
+    for stage, outputs in first.outputs.items():  # postprocess links the train weights, not their record
+        for output in outputs.values():
+            record = json.loads((output / ARTIFACT_FILE).read_text())
+            assert (record["stage"], record["key"]) == (stage, output.parent.name)
 
     second = medseg.run_workflow(workflow, workspace=workspace)
     assert second.executed == [] and second.cached == first.executed

@@ -1,6 +1,7 @@
 import json
+import os
 
-from medseg.runner.cache import ARTIFACT_FILE, DigestMemo, cache_key, canonical_json
+from medseg.runner.cache import ARTIFACT_FILE, DigestMemo, Manifest, StageCache, cache_key, canonical_json
 
 BASE = {
     "stage": "train",
@@ -81,3 +82,24 @@ def test_tree_digest_does_not_follow_directory_symlink_loops(tmp_path):
     memo = DigestMemo(tmp_path / "memo.sqlite")
     assert len(memo.tree_digest(root)) == 64
     memo.close()
+
+
+def _manifest(key: str, stage: str) -> Manifest:
+    return Manifest(key, stage, 1, {}, {}, {"model": "d" * 64}, {}, "run", {})
+
+
+def test_a_commit_never_writes_through_a_hard_link_into_another_entry(tmp_path):
+    """A stage that hard-links its input's files (postprocess: the weights) leaves that entry as it was."""
+    cache = StageCache(tmp_path / "cache")
+    with cache.staging("a" * 64, ["model"]) as staged:
+        (staged["model"] / "weights.pt").write_bytes(b"w")
+        first = cache.commit(staged, _manifest("a" * 64, "train"))
+    record = (first / "model" / ARTIFACT_FILE).read_text()
+    with cache.staging("b" * 64, ["model"]) as staged:
+        for name in ("weights.pt", ARTIFACT_FILE):
+            os.link(first / "model" / name, staged["model"] / name)
+        second = cache.commit(staged, _manifest("b" * 64, "postprocess"))
+    assert (first / "model" / ARTIFACT_FILE).read_text() == record  # before: rewritten as postprocess's
+    assert json.loads(record)["stage"] == "train"
+    assert json.loads((second / "model" / ARTIFACT_FILE).read_text())["stage"] == "postprocess"
+    assert (second / "model" / "weights.pt").samefile(first / "model" / "weights.pt")
