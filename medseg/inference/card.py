@@ -56,8 +56,18 @@ class TrainingRecord(_Section):
     planned: tuple[str, ...] = ()
 
 
+WeightsName = Literal["best", "last"]
+"""Which of the train stage's weights a model keeps: best on validation, or the last epoch's."""
+
+
 class PostprocessingRecord(_Section):
-    """How the card's post-processing values were chosen (``measure`` on the ``chosen_by`` split)."""
+    """How the card's post-processing values were chosen (``measure`` on the ``chosen_by`` split).
+
+    ``weights`` names the weights the model kept: the training's ``best`` validation weights or
+    its ``last`` epoch's, whichever scored higher with its own post-processing chosen
+    (``weights_scores``: the chosen ``measure`` of each, None where NaN; ``weights_epoch``: the
+    epoch kept).
+    """
 
     chosen_by: str
     measure: str | None = None
@@ -65,6 +75,9 @@ class PostprocessingRecord(_Section):
     baseline_score: float | None = None
     candidates: int | None = None
     median_training_object_size: float | None = None
+    weights: WeightsName = "best"
+    weights_epoch: int | None = None
+    weights_scores: dict[str, float | None] = Field(default_factory=dict)
 
 
 class SegmentRecord(_Section):

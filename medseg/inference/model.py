@@ -13,6 +13,8 @@ from medseg.nets.ensemble import FoldEnsemble
 from medseg.nets.unet import build_net
 
 WEIGHTS_FILE = "weights.pt"
+LAST_WEIGHTS_FILE = "last_weights.pt"
+"""In a trained model's folder: the last epoch's weights beside the best validation ones."""
 CARD_FILE = "model.json"
 FOLDS_FILE = "folds.json"
 """In a fold ensemble's model folder: ``{"folds": k, "cases": {case id: fold}}`` (out-of-fold use)."""

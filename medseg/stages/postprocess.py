@@ -1,7 +1,10 @@
 """Postprocess stage: trained model + dataset → the same model with post-processing chosen on validation.
 
-The network is not changed: the weights are linked (or copied) and the card's ``inference``
-section gets the chosen values, with a ``postprocessing`` section saying how they were chosen.
+The network is not changed. Its weights are linked (or copied): the training's best validation
+weights, or its last epoch's where those score higher on validation once each has its own
+post-processing chosen (the training's own validation scores fixed post-processing, a noisy
+guide on a few validation frames). The card's ``inference`` section gets the chosen values,
+with a ``postprocessing`` section saying how they were chosen and which weights were kept.
 The evaluate stage, the export (and so ``Segmenter``, ``medseg predict`` and the MLflow model)
 read them from the card, so every consumer applies the same post-processing.
 """
@@ -10,9 +13,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -23,6 +27,12 @@ from medseg.params import Params
 from medseg.runner.contract import Kind, Stage, StageContext, ports
 
 if TYPE_CHECKING:
+    import torch
+
+    from medseg.inference.card import ModelCard, WeightsName
+    from medseg.inference.settings import InferenceSettings
+    from medseg.inference.tuning import PostprocessingChoice, ValidationCase
+    from medseg.io.dataset import CaseRecord
     from medseg.nets.ensemble import FoldEnsemble
 
 
@@ -63,12 +73,13 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 10
+    version = 11
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
     description = (
-        "choose post-processing on validation: object size, holes, seeds, splits, largest object, edges"
+        "choose on validation the weights (best or last epoch) and post-processing: object size, holes, "
+        "seeds, splits, largest object, edges"
     )
 
     def execute(
@@ -78,12 +89,11 @@ class Postprocess(Stage[PostprocessParams]):
         inputs: Mapping[str, Path],
         outputs: Mapping[str, Path],
     ) -> dict[str, float]:
-        """Choose post-processing on the split; write the model with its updated card."""
+        """Choose weights and post-processing on the split; write the model with its updated card."""
         from medseg.inference.card import PostprocessingRecord
-        from medseg.inference.model import CARD_FILE, load_model
-        from medseg.inference.predict import class_map, class_probability, object_class_map, predict_logits
-        from medseg.inference.tuning import ValidationCase, choose_postprocessing, training_object_sizes
-        from medseg.io.dataset import load_case, load_ignore, load_markers, read_index
+        from medseg.inference.model import CARD_FILE, LAST_WEIGHTS_FILE, WEIGHTS_FILE, load_model
+        from medseg.inference.tuning import choose_postprocessing, training_object_sizes
+        from medseg.io.dataset import read_index
         from medseg.io.readers import read_image
         from medseg.runner.cache import ARTIFACT_FILE
         from medseg.training.loop import resolve_device
@@ -109,46 +119,27 @@ class Postprocess(Stage[PostprocessParams]):
             chosen_by = PostprocessingRecord(chosen_by=f"train params ({reason})")
             card.model_copy(update={"postprocessing": chosen_by}).write(model_out / CARD_FILE)
             return {}
-        cases = []
-        for number, record in enumerate(records, start=1):
-            image, label = load_case(folder, record)
-            markers = load_markers(folder, record)
-            member = (
-                net if assignment is None else cast("FoldEnsemble", net).members[assignment[record.case_id]]
-            )
-            logits = predict_logits(
-                member,
-                image.array,
-                roi_size=current.roi_size,
-                overlap=current.overlap,
-                device=device,
-                sw_batch_size=params.sw_batch_size,
-            )
-            cases.append(
-                ValidationCase(
-                    case_id=record.case_id,
-                    classes=class_map(logits),
-                    interior=class_probability(logits, 1) if current.target == "boundary" else None,
-                    reference=label.array[0],
-                    markers=markers.array[0] if markers is not None else None,
-                    fully_annotated=record.fully_annotated,
-                    ignore=load_ignore(folder, record) if markers is None else None,  # as evaluate does
-                    foreground=class_probability(logits, 0, complement=True),
-                    object_classes=object_class_map(logits),
-                )
-            )
-            context.progress("postprocess: predict", number, len(records))
         sizes = training_object_sizes(
             [read_image(folder / record.label, kind="label").array[0] for record in index.split("train")],
             instance_labels=index.instance_labels,
         )
-        choice = choose_postprocessing(
-            cases, current, object_sizes=sizes, instance_labels=index.instance_labels
-        )
+        choices: dict[WeightsName, PostprocessingChoice] = {}
+        for name, candidate in _candidate_weights(net, card, model_in / LAST_WEIGHTS_FILE, device).items():
+            cases = _validation_cases(
+                context, candidate, folder, records, assignment, current, params, f"predict ({name} weights)"
+            )
+            choices[name] = choose_postprocessing(
+                cases, current, object_sizes=sizes, instance_labels=index.instance_labels
+            )
+        weights = _better_weights(choices)
+        choice = choices[weights]
+        if weights == "last":
+            (model_out / WEIGHTS_FILE).unlink()
+            _link_or_copy(model_in / LAST_WEIGHTS_FILE, model_out / WEIGHTS_FILE)
         where = (
-            f"validation ({params.split} split, {len(cases)} cases)"
+            f"validation ({params.split} split, {len(records)} cases)"
             if assignment is None
-            else f"out-of-fold predictions ({card.folds} folds, {len(cases)} cases)"
+            else f"out-of-fold predictions ({card.folds} folds, {len(records)} cases)"
         )
         record = PostprocessingRecord(
             chosen_by=where,
@@ -157,6 +148,9 @@ class Postprocess(Stage[PostprocessParams]):
             baseline_score=choice.baseline.score,
             candidates=len(choice.candidates),
             median_training_object_size=float(np.median(sizes)) if sizes.size else None,
+            weights=weights,
+            weights_epoch=card.training.best_epoch if weights == "best" else card.training.epochs_run,
+            weights_scores={name: other.chosen.score for name, other in choices.items()},
         )
         card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
             model_out / CARD_FILE
@@ -184,6 +178,7 @@ class Postprocess(Stage[PostprocessParams]):
                         "seed_split_size",
                     )
                 },
+                "postprocess.chosen.weights": weights,
                 "postprocess.measure": choice.measure,
             }
         )
@@ -193,7 +188,86 @@ class Postprocess(Stage[PostprocessParams]):
             "postprocess/val_objects_per_case": choice.chosen.objects_per_case,
             "postprocess/baseline_val_objects_per_case": choice.baseline.objects_per_case,
             "postprocess/candidates": float(len(choice.candidates)),
+            "postprocess/weights_epoch": float(record.weights_epoch or 0),
+            **{
+                f"postprocess/val_{choice.measure}_{name}_weights": other.chosen.score
+                for name, other in choices.items()
+            },
         }
+
+
+def _candidate_weights(
+    net: torch.nn.Module, card: ModelCard, last_path: Path, device: torch.device
+) -> dict[WeightsName, torch.nn.Module]:
+    """The nets to choose between: the best validation weights and, where they differ, the last epoch's."""
+    import torch
+
+    from medseg.inference.model import network_from_card
+
+    nets: dict[WeightsName, torch.nn.Module] = {"best": net}
+    if last_path.is_file():
+        last = network_from_card(card, last_path, fix="retrain the model").to(device)
+        if any(
+            not torch.equal(mine, theirs)
+            for mine, theirs in zip(net.state_dict().values(), last.state_dict().values(), strict=True)
+        ):
+            nets["last"] = last
+    return nets
+
+
+def _better_weights(choices: Mapping[WeightsName, PostprocessingChoice]) -> WeightsName:
+    """``last`` where its chosen post-processing scores higher than ``best``'s; ``best`` on ties and NaN."""
+    best, last = choices["best"].chosen.score, choices.get("last")
+    if last is None or math.isnan(last.chosen.score):
+        return "best"
+    return "last" if math.isnan(best) or last.chosen.score > best + 1e-9 else "best"
+
+
+def _validation_cases(
+    context: StageContext,
+    net: torch.nn.Module,
+    folder: Path,
+    records: Sequence[CaseRecord],
+    assignment: Mapping[str, int] | None,
+    current: InferenceSettings,
+    params: PostprocessParams,
+    step: str,
+) -> list[ValidationCase]:
+    """Predict every record (a fold ensemble: by the fold that did not train on it) for the choice."""
+    from medseg.inference.predict import class_map, class_probability, object_class_map, predict_logits
+    from medseg.inference.tuning import ValidationCase
+    from medseg.io.dataset import load_case, load_ignore, load_markers
+    from medseg.training.loop import resolve_device
+
+    device = resolve_device(params.device)
+    cases = []
+    for number, record in enumerate(records, start=1):
+        image, label = load_case(folder, record)
+        markers = load_markers(folder, record)
+        member = net if assignment is None else cast("FoldEnsemble", net).members[assignment[record.case_id]]
+        logits = predict_logits(
+            member,
+            image.array,
+            roi_size=current.roi_size,
+            overlap=current.overlap,
+            device=device,
+            sw_batch_size=params.sw_batch_size,
+        )
+        cases.append(
+            ValidationCase(
+                case_id=record.case_id,
+                classes=class_map(logits),
+                interior=class_probability(logits, 1) if current.target == "boundary" else None,
+                reference=label.array[0],
+                markers=markers.array[0] if markers is not None else None,
+                fully_annotated=record.fully_annotated,
+                ignore=load_ignore(folder, record) if markers is None else None,  # as evaluate does
+                foreground=class_probability(logits, 0, complement=True),
+                object_classes=object_class_map(logits),
+            )
+        )
+        context.progress(f"postprocess: {step}", number, len(records))
+    return cases
 
 
 STAGE = Postprocess()

@@ -190,7 +190,7 @@ class Train(Stage[TrainParams]):
         (``training.planning``) and logged as ``plan.*``. Checkpoints go to the stage's scratch
         folder after every epoch; a rerun after a crash or kill continues from the last one.
         """
-        from medseg.inference.model import FOLDS_FILE, save_model
+        from medseg.inference.model import FOLDS_FILE, LAST_WEIGHTS_FILE, save_model
         from medseg.nets.ensemble import ensemble_state
 
         folder = inputs["dataset"]
@@ -223,7 +223,7 @@ class Train(Stage[TrainParams]):
                 json.dumps({"folds": params.folds, "cases": assignment}, indent=2)
             )
         save_model(model, best, card)
-        save_model(model, last, card, weights_file="last_weights.pt")
+        save_model(model, last, card, weights_file=LAST_WEIGHTS_FILE)
         (model / "history.json").write_text(json.dumps(_mean_history(results), indent=2))
         (model / PLAN_FILE).write_text(json.dumps(plan.as_document(), indent=2))
         return _summary(params, [fold for fold, _, _ in runs], results)

@@ -163,7 +163,8 @@ def test_onnx_and_torch_export_match_pytorch_at_any_size(study):
     session = onnxruntime.InferenceSession(
         str(result.outputs["export"]["export"] / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    net, _ = load_model(result.outputs["train"]["model"], torch.device("cpu"))
+    # The exported weights are the ones postprocess kept (best or last epoch).
+    net, _ = load_model(result.outputs["postprocess"]["model"], torch.device("cpu"))
     image = medseg.read_image(data / "01" / "t004.tif").array[None, :, :24, :32].astype(np.float32)
     batch = np.concatenate([image, image[:, :, ::-1].copy()])  # batch 2, a size the export never saw
     (logits,) = session.run(["logits"], {"image": batch})
@@ -182,3 +183,38 @@ def test_onnx_and_torch_export_match_pytorch_at_any_size(study):
     assert set(formats) == {"model.pt2", "model.onnx", "model.ts", "weights.pt"}
     assert "deprecated" in formats["model.ts"]
     assert formats["model.onnx"].endswith("by the torch.onnx dynamo exporter (from the torch.export program)")
+
+
+@pytest.mark.parametrize("broken", ["best", "last"])
+def test_postprocess_keeps_whichever_weights_score_higher_on_validation(study, tmp_path, broken):
+    """One of the train stage's two weight files zeroed (one output everywhere): the other is kept."""
+    import shutil
+
+    import torch
+
+    from medseg.inference.card import ModelCard
+    from medseg.inference.model import CARD_FILE, LAST_WEIGHTS_FILE, WEIGHTS_FILE
+    from medseg.runner.contract import StageContext
+    from medseg.stages.postprocess import Postprocess, PostprocessParams
+    from medseg.tracking.base import NullTracker
+
+    result, _ = run_phantom(study)
+    model = tmp_path / "trained"
+    shutil.copytree(result.outputs["train"]["model"], model)
+    spoiled = model / (WEIGHTS_FILE if broken == "best" else LAST_WEIGHTS_FILE)
+    torch.save({name: torch.zeros_like(value) for name, value in torch.load(spoiled).items()}, spoiled)
+    kept = model / (LAST_WEIGHTS_FILE if broken == "best" else WEIGHTS_FILE)
+    output = tmp_path / "out"
+    output.mkdir()
+    context = StageContext("postprocess", "k", {}, 0, NullTracker(), "r", tmp_path / "p", tmp_path / "s")
+    inputs = {"dataset": result.outputs["ingest"]["dataset"], "model": model}
+    metrics = Postprocess().execute(context, PostprocessParams(), inputs, {"model": output})
+    record = ModelCard.read(output / CARD_FILE).postprocessing
+    other = "last" if broken == "best" else "best"
+    assert record.weights == other
+    assert (output / WEIGHTS_FILE).read_bytes() == kept.read_bytes()
+    assert record.weights_scores[broken] < record.weights_scores[other] == record.score
+    trained = ModelCard.read(model / CARD_FILE).training
+    assert record.weights_epoch == (trained.epochs_run if other == "last" else trained.best_epoch)
+    assert metrics["postprocess/val_op_csb"] == record.score
+    assert metrics[f"postprocess/val_op_csb_{broken}_weights"] == record.weights_scores[broken]
