@@ -66,7 +66,7 @@ class PostprocessingRecord(_Section):
     ``weights`` names the weights the model kept: the training's ``best`` validation weights or
     its ``last`` epoch's, whichever scored higher with its own post-processing chosen
     (``weights_scores``: the chosen ``measure`` of each, None where NaN; ``weights_epoch``: the
-    epoch kept).
+    epoch kept, None for a fold ensemble).
     """
 
     chosen_by: str

@@ -126,7 +126,7 @@ class Postprocess(Stage[PostprocessParams]):
         choices: dict[WeightsName, PostprocessingChoice] = {}
         for name, candidate in _candidate_weights(net, card, model_in / LAST_WEIGHTS_FILE, device).items():
             cases = _validation_cases(
-                context, candidate, folder, records, assignment, current, params, f"predict ({name} weights)"
+                context, candidate, folder, records, assignment, current, device, params.sw_batch_size, name
             )
             choices[name] = choose_postprocessing(
                 cases, current, object_sizes=sizes, instance_labels=index.instance_labels
@@ -149,7 +149,7 @@ class Postprocess(Stage[PostprocessParams]):
             candidates=len(choice.candidates),
             median_training_object_size=float(np.median(sizes)) if sizes.size else None,
             weights=weights,
-            weights_epoch=card.training.best_epoch if weights == "best" else card.training.epochs_run,
+            weights_epoch=_weights_epoch(card, weights),
             weights_scores={name: other.chosen.score for name, other in choices.items()},
         )
         card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
@@ -188,7 +188,7 @@ class Postprocess(Stage[PostprocessParams]):
             "postprocess/val_objects_per_case": choice.chosen.objects_per_case,
             "postprocess/baseline_val_objects_per_case": choice.baseline.objects_per_case,
             "postprocess/candidates": float(len(choice.candidates)),
-            "postprocess/weights_epoch": float(record.weights_epoch or 0),
+            **({"postprocess/weights_epoch": float(record.weights_epoch)} if record.weights_epoch else {}),
             **{
                 f"postprocess/val_{choice.measure}_{name}_weights": other.chosen.score
                 for name, other in choices.items()
@@ -215,6 +215,13 @@ def _candidate_weights(
     return nets
 
 
+def _weights_epoch(card: ModelCard, weights: WeightsName) -> int | None:
+    """The epoch whose weights were kept; None for a fold ensemble (each fold has its own best epoch)."""
+    if card.folds > 1:
+        return None
+    return card.training.best_epoch if weights == "best" else card.training.epochs_run
+
+
 def _better_weights(choices: Mapping[WeightsName, PostprocessingChoice]) -> WeightsName:
     """``last`` where its chosen post-processing scores higher than ``best``'s; ``best`` on ties and NaN."""
     best, last = choices["best"].chosen.score, choices.get("last")
@@ -230,16 +237,15 @@ def _validation_cases(
     records: Sequence[CaseRecord],
     assignment: Mapping[str, int] | None,
     current: InferenceSettings,
-    params: PostprocessParams,
-    step: str,
+    device: torch.device,
+    sw_batch_size: int,
+    weights: WeightsName,
 ) -> list[ValidationCase]:
     """Predict every record (a fold ensemble: by the fold that did not train on it) for the choice."""
     from medseg.inference.predict import class_map, class_probability, object_class_map, predict_logits
     from medseg.inference.tuning import ValidationCase
     from medseg.io.dataset import load_case, load_ignore, load_markers
-    from medseg.training.loop import resolve_device
 
-    device = resolve_device(params.device)
     cases = []
     for number, record in enumerate(records, start=1):
         image, label = load_case(folder, record)
@@ -251,7 +257,7 @@ def _validation_cases(
             roi_size=current.roi_size,
             overlap=current.overlap,
             device=device,
-            sw_batch_size=params.sw_batch_size,
+            sw_batch_size=sw_batch_size,
         )
         cases.append(
             ValidationCase(
@@ -266,7 +272,7 @@ def _validation_cases(
                 object_classes=object_class_map(logits),
             )
         )
-        context.progress(f"postprocess: {step}", number, len(records))
+        context.progress(f"postprocess: predict ({weights} weights)", number, len(records))
     return cases
 
 

@@ -43,6 +43,8 @@ def test_three_folds_make_one_ensemble_chosen_out_of_fold(tmp_path, phantom_dir)
     card = json.loads((export / "model_card.json").read_text())
     assert card["folds"] == 3
     assert card["postprocessing"]["chosen_by"] == f"out-of-fold predictions (3 folds, {len(pooled)} cases)"
+    assert card["postprocessing"]["weights"] in card["postprocessing"]["weights_scores"]
+    assert card["postprocessing"].get("weights_epoch") is None  # each fold has its own best epoch
 
     # The ensemble's probabilities are the mean of the three fold nets' (each built on its own).
     net, loaded = load_model(result.outputs["train"]["model"], torch.device("cpu"))
