@@ -67,7 +67,7 @@ def rotation_plane(patch_size: tuple[int, ...]) -> tuple[int, int] | None:
 
 
 def train_transforms(params: TrainParams) -> Any:
-    """Foreground/background-balanced patches, flips, rotations, elastic deformation, intensity.
+    """Foreground/background-balanced patches, flips, rotations, elastic deformation, intensity, gamma, blur.
 
     Patch centres are half on objects, half on background; a sample carrying ``known_centres``
     draws them from known voxels only. Images and weights are interpolated bilinearly, labels by
@@ -122,5 +122,10 @@ def train_transforms(params: TrainParams) -> Any:
             mt.RandScaleIntensityd("image", factors=augment.intensity, prob=0.5),
             mt.RandShiftIntensityd("image", offsets=augment.intensity, prob=0.5),
         ]
+    if augment.gamma > 0:
+        steps.append(mt.RandAdjustContrastd("image", prob=augment.gamma, gamma=(0.7, 1.5), retain_stats=True))
+    if augment.blur > 0:
+        sigma = {f"sigma_{axis}": (0.5, 1.0) for axis in "xyz"[: params.spatial_dims]}
+        steps.append(mt.RandGaussianSmoothd("image", prob=augment.blur, **sigma))
     steps.append(mt.EnsureTyped(keys, track_meta=False))
     return mt.Compose(steps)

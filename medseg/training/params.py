@@ -24,13 +24,22 @@ class AugmentParams(Params):
     displacements (voxels). ``rotate`` is the largest random rotation in degrees; it is
     applied with the elastic deformation when that is on (one interpolation), else alone.
     ``rotate90`` turns patches by 90° in a plane of two equally long patch axes, and not at
-    all when no two are equal (``augment.rotation_plane``).
+    all when no two are equal (``augment.rotation_plane``). ``intensity`` is the range of a
+    random intensity scale (×(1 ± intensity)) and shift (± intensity), each with probability
+    0.5. ``gamma`` is the probability of nnU-Net's gamma augmentation: the patch, rescaled to
+    [0, 1], raised to a power drawn from [0.7, 1.5] and brought back to its own mean and standard
+    deviation (MONAI ``RandAdjustContrastd``), which brightens or dims faint structures against
+    bright ones; ``blur`` is the probability of a Gaussian blur of σ in [0.5, 1] voxels per axis
+    (``RandGaussianSmoothd``). Both are free of the intensity scale, so they suit every
+    normalisation scheme.
     """
 
     flip: bool = True
     rotate90: bool = True
     rotate: float = Field(0.0, ge=0, le=180)
     intensity: float = Field(0.1, ge=0, le=1)
+    gamma: float = Field(0.0, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=1)
     elastic: float = Field(0.0, ge=0, le=1)
     elastic_scale: float = Field(32.0, gt=0)
     elastic_magnitude: float = Field(6.0, ge=0)

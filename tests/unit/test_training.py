@@ -167,6 +167,34 @@ def test_patches_that_are_not_square_keep_their_shape_through_augmentation(patch
     assert len(strides) == (1 if plane is None else 2)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_gamma_keeps_each_patch_s_mean_and_sd_and_blur_smooths_only_the_image(spatial_dims):
+    """Gamma reshapes the histogram but keeps mean and sd; the blur lowers white noise's sd; labels stay."""
+    patch_size = (16,) * spatial_dims
+    shape = (32,) * spatial_dims
+    image = np.random.default_rng(0).random((1, *shape)).astype(np.float32) ** 2
+    instances = np.zeros(shape, np.int32)
+    instances[(slice(4, 28),) * spatial_dims] = 1
+    still = {"flip": False, "rotate90": False, "intensity": 0.0}
+    outputs = {}
+    for name, extra in {"none": {}, "gamma": {"gamma": 1.0}, "blur": {"blur": 1.0}}.items():
+        params = TrainParams(
+            spatial_dims=spatial_dims, patch_size=patch_size, samples_per_image=8, augment={**still, **extra}
+        )
+        transforms = train_transforms(params)
+        transforms.set_random_state(0)
+        outputs[name] = transforms(prepare_sample(TrainingCase.in_memory("c", image, instances), params))
+    for plain, gamma, blur in zip(outputs["none"], outputs["gamma"], outputs["blur"], strict=True):
+        before, after = np.asarray(plain["image"]), np.asarray(gamma["image"])
+        assert not np.allclose(before, after)
+        assert np.isclose(after.mean(), before.mean(), atol=1e-4) and np.isclose(
+            after.std(), before.std(), rtol=1e-3
+        )
+        assert np.asarray(blur["image"]).std() < 0.8 * before.std()
+        assert np.array_equal(np.asarray(plain["label"]), np.asarray(gamma["label"]))
+        assert np.array_equal(np.asarray(plain["label"]), np.asarray(blur["label"]))
+
+
 def test_class_balance_weights_give_objects_and_background_equal_totals():
     labels = np.zeros((10, 10), np.int32)
     labels[:2] = 1  # 20 object pixels, 80 background
