@@ -227,25 +227,25 @@ def choose_postprocessing(
     scores = [
         score for fill in fills for threshold in dict.fromkeys(thresholds) for score in grid[fill, threshold]
     ]
-    best = _best(scores)
+    best = best_candidate(scores)
     if all(case.foreground is not None for case in cases):
         for edge in candidate_foreground_thresholds(current.foreground_threshold):
             scores += _refine(cases, current, measure, best, edge, best.seed_threshold, [shift])
-        best = _best(scores)
+        best = best_candidate(scores)
         if best.foreground_threshold != grid_edge:  # the grid scored every seed at its own edge
             best_edge = best.foreground_threshold
             for threshold in dict.fromkeys(thresholds):
                 scores += _refine(cases, current, measure, best, best_edge, threshold, [shift])
-            best = _best(scores)
+            best = best_candidate(scores)
     shifts = candidate_edge_shifts(shift)
     scores += _refine(cases, current, measure, best, best.foreground_threshold, best.seed_threshold, shifts)
-    best = _best(scores)
+    best = best_candidate(scores)
     for split_size in split_sizes:
         trial = replace(current, seed_split_size=split_size)
         scores += _refine(
             cases, trial, measure, best, best.foreground_threshold, best.seed_threshold, [best.edge_shift]
         )
-    best = _best(scores)
+    best = best_candidate(scores)
     settings = current.with_postprocessing(
         min_object_size=best.min_object_size,
         fill_holes=best.fill_holes,
@@ -358,7 +358,7 @@ def _refine(
     )
 
 
-def _best(scores: Sequence[CandidateScore]) -> CandidateScore:
+def best_candidate(scores: Sequence[CandidateScore]) -> CandidateScore:
     """The highest-scoring candidate; the first (the baseline) on ties; NaN never beats a number."""
     best = scores[0]
     for candidate in scores[1:]:

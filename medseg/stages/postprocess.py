@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -131,6 +130,7 @@ class Postprocess(Stage[PostprocessParams]):
             choices[name] = choose_postprocessing(
                 cases, current, object_sizes=sizes, instance_labels=index.instance_labels
             )
+            del cases  # one set of validation predictions in memory at a time
         weights = _better_weights(choices)
         choice = choices[weights]
         if weights == "last":
@@ -223,11 +223,11 @@ def _weights_epoch(card: ModelCard, weights: WeightsName) -> int | None:
 
 
 def _better_weights(choices: Mapping[WeightsName, PostprocessingChoice]) -> WeightsName:
-    """``last`` where its chosen post-processing scores higher than ``best``'s; ``best`` on ties and NaN."""
-    best, last = choices["best"].chosen.score, choices.get("last")
-    if last is None or math.isnan(last.chosen.score):
-        return "best"
-    return "last" if math.isnan(best) or last.chosen.score > best + 1e-9 else "best"
+    """The weights whose chosen post-processing scores highest; ``best`` (the first) on ties and NaN."""
+    from medseg.inference.tuning import best_candidate
+
+    winner = best_candidate([choice.chosen for choice in choices.values()])
+    return next(name for name, choice in choices.items() if choice.chosen is winner)
 
 
 def _validation_cases(

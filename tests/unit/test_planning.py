@@ -97,7 +97,7 @@ def test_plan_fills_unset_values_and_keeps_set_ones():
     assert kept.params.val_every == 1
 
 
-def test_compile_is_planned_when_the_trial_says_training_takes_minutes_and_a_compiler_builds():
+def test_compile_is_planned_from_the_run_s_patch_voxels_when_a_compiler_builds():
     from torch._inductor import config
 
     from medseg.training.loop import steps_per_epoch
