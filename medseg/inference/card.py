@@ -66,7 +66,9 @@ class PostprocessingRecord(_Section):
     ``weights`` names the weights the model kept: the training's ``best`` validation weights or
     its ``last`` epoch's, whichever scored higher with its own post-processing chosen
     (``weights_scores``: the chosen ``measure`` of each, None where NaN; ``weights_epoch``: the
-    epoch kept, None for a fold ensemble).
+    epoch kept, None for a fold ensemble). ``smoothing_scores``: the kept weights' chosen
+    ``measure`` at each candidate smoothing of the probabilities (σ in voxels, as text; the card's
+    ``inference.smoothing`` is the one kept).
     """
 
     chosen_by: str
@@ -78,6 +80,7 @@ class PostprocessingRecord(_Section):
     weights: WeightsName = "best"
     weights_epoch: int | None = None
     weights_scores: dict[str, float | None] = Field(default_factory=dict)
+    smoothing_scores: dict[str, float | None] = Field(default_factory=dict)
 
 
 class SegmentRecord(_Section):

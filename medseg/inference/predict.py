@@ -15,6 +15,7 @@ SW_BATCH_SIZE = 2
 is 8 % faster than MONAI's customary 4 on a 3D volume (activations of two 96×96×64 windows stay
 in cache) and as fast in 2D; the outputs are identical (windows and Gaussian weights do not
 depend on it)."""
+_PROBABILITY_FLOOR = 1e-8  # log(0) guard for smoothed probabilities
 
 
 def predict_logits(
@@ -336,9 +337,25 @@ def segment_instances(
         sw_batch_size=sw_batch_size,
         flip_tta=flip_tta,
     )
-    classes, seeds = classes_and_seeds(logits, settings)
+    classes, seeds = classes_and_seeds(smoothed_logits(logits, settings.smoothing), settings)
     del logits  # the largest array: free it before post-processing
     return instances_from_classes(classes, settings, seeds=seeds)
+
+
+def smoothed_logits(logits: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Log of the class probabilities of ``logits`` ``(classes, *spatial)``, each Gaussian-smoothed.
+
+    Every class's softmax probability is smoothed by a Gaussian of ``sigma`` voxels along each
+    spatial axis (not across classes), so the smoothed probabilities still sum to 1 per voxel;
+    their log is returned as logits of the same shape (float32, CPU). ``sigma`` 0 returns
+    ``logits`` unchanged.
+    """
+    if sigma <= 0:
+        return logits
+    probabilities = logits.float().softmax(dim=0).numpy()
+    for channel in probabilities:
+        channel[...] = ndimage.gaussian_filter(channel, sigma)
+    return torch.from_numpy(np.log(np.maximum(probabilities, _PROBABILITY_FLOOR)))
 
 
 def classes_and_seeds(

@@ -41,6 +41,10 @@ class InferenceSettings:
             probability, into two or more pieces of at least this many voxels is one seed per
             piece (``predict.layered_seeds``): two touching objects whose shared border the net
             draws faintly. None (cards before post-processing v9) keeps each seed whole.
+        smoothing: Gaussian σ in voxels, along every spatial axis, applied to the class
+            probabilities before anything is read from them (``predict.smoothed_logits``): a
+            net's voxel-to-voxel noise on faint, noisy images leaves ragged edges and specks;
+            0 (cards before post-processing v12) leaves the probabilities as predicted.
 
     """
 
@@ -55,6 +59,7 @@ class InferenceSettings:
     foreground_threshold: float | None = None
     edge_shift: int = 0
     seed_split_size: int | None = None
+    smoothing: float = 0.0
 
     def with_postprocessing(
         self,

@@ -76,6 +76,15 @@ EDGE_SHIFTS = (-2, -1, 1)
 the GOWT1 example's frames (600 steps, objects a voxel fat all round): SEG on validation 0.892
 unshifted, 0.903 at −1, 0.885 at −2, 0.859 at +1."""
 
+SMOOTHINGS = (0.0, 1.0)
+"""Candidate Gaussian σ in voxels for the class probabilities (``predict.smoothed_logits``), the
+first kept on ties. Each is its own set of validation maps and its own full choice (the postprocess
+stage compares them as it compares best and last weights). Measured on the shipped examples' nets
+(3 seeds each, σ 0 / 1 / 2 / 3): on MSC's noisy frames the nets leave ragged edges and specks, and
+σ 1 raises validation OP_CSB on two seeds of three (0.751 → 0.784, 0.722 → 0.762; the third
+0.758 → 0.753), test SEG 0.613 → 0.622 as chosen. On GOWT1 validation moves by under 0.002
+either way. σ 2 and 3 beat σ 1 on validation once in six nets (by 0.002), so they are not tried."""
+
 SEED_SPLIT_FRACTIONS = (0.4, 0.3, 0.2)
 """Candidate smallest pieces that split a seed of a boundary net (``predict.layered_seeds``), as
 fractions of the median training object; the first is the grid's. Measured on the GOWT1 example's
@@ -134,6 +143,7 @@ class CandidateScore:
     foreground_threshold: float | None
     edge_shift: int
     seed_split_size: int | None
+    smoothing: float
     score: float
     seg: float
     det: float
@@ -320,11 +330,7 @@ def _candidates(
                             for labels in unfiltered
                         ]
                         summary = _score(cases, predictions)
-                    scores.append(
-                        _candidate(
-                            size, labelling, shift, keep, split, current.seed_split_size, summary, measure
-                        )
-                    )
+                    scores.append(_candidate(size, labelling, shift, keep, split, current, summary, measure))
     return scores
 
 
@@ -468,7 +474,7 @@ def _candidate(
     shift: int,
     keep: bool,
     split: float | None,
-    seed_split_size: int | None,
+    current: InferenceSettings,
     summary: EvaluationSummary,
     measure: Measure,
 ) -> CandidateScore:
@@ -482,7 +488,8 @@ def _candidate(
         split_level=split,
         foreground_threshold=edge,
         edge_shift=shift,
-        seed_split_size=seed_split_size,
+        seed_split_size=current.seed_split_size,
+        smoothing=current.smoothing,
         score=values[measure],
         seg=summary.seg,
         det=summary.det,

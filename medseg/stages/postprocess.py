@@ -3,7 +3,9 @@
 The network is not changed. Its weights are linked (or copied): the training's best validation
 weights, or its last epoch's where those score higher on validation once each has its own
 post-processing chosen (the training's own validation scores fixed post-processing, a noisy
-guide on a few validation frames). The card's ``inference`` section gets the chosen values,
+guide on a few validation frames). Each weights' post-processing is chosen on its class
+probabilities as predicted and smoothed (``tuning.SMOOTHINGS``), and the best of every
+(weights, smoothing) pair is kept. The card's ``inference`` section gets the chosen values,
 with a ``postprocessing`` section saying how they were chosen and which weights were kept.
 The evaluate stage, the export (and so ``Segmenter``, ``medseg predict`` and the MLflow model)
 read them from the card, so every consumer applies the same post-processing.
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -72,13 +75,13 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 11
+    version = 12
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
     description = (
-        "choose on validation the weights (best or last epoch) and post-processing: object size, holes, "
-        "seeds, splits, largest object, edges"
+        "choose on validation the weights (best or last epoch) and post-processing: smoothing, object "
+        "size, holes, seeds, splits, largest object, edges"
     )
 
     def execute(
@@ -91,7 +94,12 @@ class Postprocess(Stage[PostprocessParams]):
         """Choose weights and post-processing on the split; write the model with its updated card."""
         from medseg.inference.card import PostprocessingRecord
         from medseg.inference.model import CARD_FILE, LAST_WEIGHTS_FILE, WEIGHTS_FILE, load_model
-        from medseg.inference.tuning import choose_postprocessing, training_object_sizes
+        from medseg.inference.tuning import (
+            SMOOTHINGS,
+            best_candidate,
+            choose_postprocessing,
+            training_object_sizes,
+        )
         from medseg.io.dataset import read_index
         from medseg.io.readers import read_image
         from medseg.runner.cache import ARTIFACT_FILE
@@ -122,17 +130,19 @@ class Postprocess(Stage[PostprocessParams]):
             [read_image(folder / record.label, kind="label").array[0] for record in index.split("train")],
             instance_labels=index.instance_labels,
         )
-        choices: dict[WeightsName, PostprocessingChoice] = {}
+        choices: dict[tuple[WeightsName, float], PostprocessingChoice] = {}
         for name, candidate in _candidate_weights(net, card, model_in / LAST_WEIGHTS_FILE, device).items():
-            cases = _validation_cases(
+            sets = _validation_cases(
                 context, candidate, folder, records, assignment, current, device, params.sw_batch_size, name
             )
-            choices[name] = choose_postprocessing(
-                cases, current, object_sizes=sizes, instance_labels=index.instance_labels
-            )
-            del cases  # one set of validation predictions in memory at a time
-        weights = _better_weights(choices)
-        choice = choices[weights]
+            for smoothing, cases in sets.items():
+                trial = replace(current, smoothing=smoothing)
+                choices[name, smoothing] = choose_postprocessing(
+                    cases, trial, object_sizes=sizes, instance_labels=index.instance_labels
+                )
+            del sets, cases  # one weights' validation maps in memory at a time
+        weights, smoothing = _best_choice(choices)
+        choice = choices[weights, smoothing]
         if weights == "last":
             (model_out / WEIGHTS_FILE).unlink()
             _link_or_copy(model_in / LAST_WEIGHTS_FILE, model_out / WEIGHTS_FILE)
@@ -141,23 +151,32 @@ class Postprocess(Stage[PostprocessParams]):
             if assignment is None
             else f"out-of-fold predictions ({card.folds} folds, {len(records)} cases)"
         )
+        kept = {sigma: other for (name, sigma), other in choices.items() if name == weights}
+        baseline = kept[SMOOTHINGS[0]].baseline  # the train params: no smoothing
+        candidates = [candidate for other in kept.values() for candidate in other.candidates]
+        weights_scores = {
+            name: best_candidate([other.chosen for (own, _), other in choices.items() if own == name]).score
+            for name in dict.fromkeys(name for name, _ in choices)
+        }
+        smoothing_scores = {f"{sigma:g}": other.chosen.score for sigma, other in kept.items()}
         record = PostprocessingRecord(
             chosen_by=where,
             measure=choice.measure,
             score=choice.chosen.score,
-            baseline_score=choice.baseline.score,
-            candidates=len(choice.candidates),
+            baseline_score=baseline.score,
+            candidates=len(candidates),
             median_training_object_size=float(np.median(sizes)) if sizes.size else None,
             weights=weights,
             weights_epoch=_weights_epoch(card, weights),
-            weights_scores={name: other.chosen.score for name, other in choices.items()},
+            weights_scores=weights_scores,
+            smoothing_scores=smoothing_scores,
         )
         card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
             model_out / CARD_FILE
         )
         table = model_out / "postprocessing_candidates.csv"
         with table.open("w", newline="") as handle:
-            rows = [candidate.as_row() for candidate in choice.candidates]
+            rows = [candidate.as_row() for candidate in candidates]
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
@@ -176,23 +195,23 @@ class Postprocess(Stage[PostprocessParams]):
                         "foreground_threshold",
                         "edge_shift",
                         "seed_split_size",
+                        "smoothing",
                     )
                 },
                 "postprocess.chosen.weights": weights,
                 "postprocess.measure": choice.measure,
             }
         )
+        measure = choice.measure
         return {
-            f"postprocess/val_{choice.measure}": choice.chosen.score,
-            f"postprocess/baseline_val_{choice.measure}": choice.baseline.score,
+            f"postprocess/val_{measure}": choice.chosen.score,
+            f"postprocess/baseline_val_{measure}": baseline.score,
             "postprocess/val_objects_per_case": choice.chosen.objects_per_case,
-            "postprocess/baseline_val_objects_per_case": choice.baseline.objects_per_case,
-            "postprocess/candidates": float(len(choice.candidates)),
+            "postprocess/baseline_val_objects_per_case": baseline.objects_per_case,
+            "postprocess/candidates": float(len(candidates)),
             **({"postprocess/weights_epoch": float(record.weights_epoch)} if record.weights_epoch else {}),
-            **{
-                f"postprocess/val_{choice.measure}_{name}_weights": other.chosen.score
-                for name, other in choices.items()
-            },
+            **{f"postprocess/val_{measure}_{name}_weights": score for name, score in weights_scores.items()},
+            **{f"postprocess/val_{measure}_smoothing_{sigma}": v for sigma, v in smoothing_scores.items()},
         }
 
 
@@ -222,12 +241,17 @@ def _weights_epoch(card: ModelCard, weights: WeightsName) -> int | None:
     return card.training.best_epoch if weights == "best" else card.training.epochs_run
 
 
-def _better_weights(choices: Mapping[WeightsName, PostprocessingChoice]) -> WeightsName:
-    """The weights whose chosen post-processing scores highest; ``best`` (the first) on ties and NaN."""
+def _best_choice(
+    choices: Mapping[tuple[WeightsName, float], PostprocessingChoice],
+) -> tuple[WeightsName, float]:
+    """The (weights, smoothing) whose chosen post-processing scores highest; the first on ties and NaN.
+
+    ``choices`` are in trial order: best weights before last, no smoothing before smoothing.
+    """
     from medseg.inference.tuning import best_candidate
 
     winner = best_candidate([choice.chosen for choice in choices.values()])
-    return next(name for name, choice in choices.items() if choice.chosen is winner)
+    return next(key for key, choice in choices.items() if choice.chosen is winner)
 
 
 def _validation_cases(
@@ -240,18 +264,30 @@ def _validation_cases(
     device: torch.device,
     sw_batch_size: int,
     weights: WeightsName,
-) -> list[ValidationCase]:
-    """Predict every record (a fold ensemble: by the fold that did not train on it) for the choice."""
-    from medseg.inference.predict import class_map, class_probability, object_class_map, predict_logits
-    from medseg.inference.tuning import ValidationCase
+) -> dict[float, list[ValidationCase]]:
+    """Predict every record (a fold ensemble: by the fold that did not train on it) for the choice.
+
+    Returns:
+        For each of ``tuning.SMOOTHINGS``, the cases' maps from probabilities smoothed by it.
+
+    """
+    from medseg.inference.predict import (
+        class_map,
+        class_probability,
+        object_class_map,
+        predict_logits,
+        smoothed_logits,
+    )
+    from medseg.inference.tuning import SMOOTHINGS, ValidationCase
     from medseg.io.dataset import load_case, load_ignore, load_markers
 
-    cases = []
+    sets: dict[float, list[ValidationCase]] = {sigma: [] for sigma in SMOOTHINGS}
     for number, record in enumerate(records, start=1):
         image, label = load_case(folder, record)
         markers = load_markers(folder, record)
+        ignore = load_ignore(folder, record) if markers is None else None  # as evaluate does
         member = net if assignment is None else cast("FoldEnsemble", net).members[assignment[record.case_id]]
-        logits = predict_logits(
+        predicted = predict_logits(
             member,
             image.array,
             roi_size=current.roi_size,
@@ -259,21 +295,23 @@ def _validation_cases(
             device=device,
             sw_batch_size=sw_batch_size,
         )
-        cases.append(
-            ValidationCase(
-                case_id=record.case_id,
-                classes=class_map(logits),
-                interior=class_probability(logits, 1) if current.target == "boundary" else None,
-                reference=label.array[0],
-                markers=markers.array[0] if markers is not None else None,
-                fully_annotated=record.fully_annotated,
-                ignore=load_ignore(folder, record) if markers is None else None,  # as evaluate does
-                foreground=class_probability(logits, 0, complement=True),
-                object_classes=object_class_map(logits),
+        for sigma, cases in sets.items():
+            logits = smoothed_logits(predicted, sigma)
+            cases.append(
+                ValidationCase(
+                    case_id=record.case_id,
+                    classes=class_map(logits),
+                    interior=class_probability(logits, 1) if current.target == "boundary" else None,
+                    reference=label.array[0],
+                    markers=markers.array[0] if markers is not None else None,
+                    fully_annotated=record.fully_annotated,
+                    ignore=ignore,
+                    foreground=class_probability(logits, 0, complement=True),
+                    object_classes=object_class_map(logits),
+                )
             )
-        )
         context.progress(f"postprocess: predict ({weights} weights)", number, len(records))
-    return cases
+    return sets
 
 
 STAGE = Postprocess()

@@ -188,6 +188,7 @@ def test_onnx_and_torch_export_match_pytorch_at_any_size(study):
 @pytest.mark.parametrize("broken", ["best", "last"])
 def test_postprocess_keeps_whichever_weights_score_higher_on_validation(study, tmp_path, broken):
     """One of the train stage's two weight files zeroed (one output everywhere): the other is kept."""
+    import csv
     import shutil
 
     import torch
@@ -218,3 +219,14 @@ def test_postprocess_keeps_whichever_weights_score_higher_on_validation(study, t
     assert record.weights_epoch == (trained.epochs_run if other == "last" else trained.best_epoch)
     assert metrics["postprocess/val_op_csb"] == record.score
     assert metrics[f"postprocess/val_op_csb_{broken}_weights"] == record.weights_scores[broken]
+    # The kept weights' choice was made on the probabilities as predicted and smoothed: the card
+    # keeps the better smoothing (none on ties), the table holds both choices' candidates.
+    assert set(record.smoothing_scores) == {"0", "1"}
+    smoothing = ModelCard.read(output / CARD_FILE).inference.smoothing
+    first_best = max(record.smoothing_scores.values())
+    assert smoothing == next(float(key) for key, v in record.smoothing_scores.items() if v == first_best)
+    assert record.smoothing_scores[f"{smoothing:g}"] == record.score
+    assert metrics["postprocess/val_op_csb_smoothing_1"] == record.smoothing_scores["1"]
+    with (output / "postprocessing_candidates.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == record.candidates and {row["smoothing"] for row in rows} == {"0.0", "1.0"}

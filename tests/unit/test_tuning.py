@@ -386,3 +386,49 @@ def test_a_foreground_threshold_keeps_each_voxels_most_probable_object_class():
         for edge in (None, 0.5, 0.1)
     ]
     assert classes == [[[0, 0, 0, 1]], [[1, 2, 0, 1]], [[1, 2, 2, 1]]]
+
+
+def _noisy_disc_logits(seed: int = 3) -> tuple[np.ndarray, torch.Tensor]:
+    """A disc (radius 12) and background/object logits for it with voxel noise: ragged edge, specks."""
+    ys, xs = np.mgrid[:64, :64]
+    disc = (ys - 32) ** 2 + (xs - 32) ** 2 <= 12**2
+    noise = np.random.default_rng(seed).normal(0.0, 0.2, disc.shape)
+    probability = np.clip(np.where(disc, 0.75, 0.25) + noise, 0.01, 0.99)
+    logits = torch.from_numpy(np.log(np.stack([1 - probability, probability]))).float()
+    return disc, logits
+
+
+def test_smoothed_logits_keep_probabilities_summing_to_one_and_remove_voxel_noise():
+    from scipy import ndimage
+
+    from medseg.inference.predict import class_map, smoothed_logits
+
+    disc, logits = _noisy_disc_logits()
+    assert smoothed_logits(logits, 0.0) is logits
+    smoothed = smoothed_logits(logits, 1.0)
+    assert smoothed.shape == logits.shape and smoothed.dtype == torch.float32
+    np.testing.assert_allclose(smoothed.exp().sum(dim=0).numpy(), 1.0, atol=1e-5)
+    raw, clean = class_map(logits) > 0, class_map(smoothed) > 0
+    assert (raw != disc).sum() > 400 > 20 > (clean != disc).sum()  # hundreds of wrong voxels, then a few
+    assert ndimage.label(raw)[1] > 300 and ndimage.label(clean)[1] == 1  # the specks go
+    # A constant field is left as it is; a straight edge between certain classes does not move.
+    constant = torch.log(torch.full((2, 16, 16), 0.5))
+    np.testing.assert_allclose(smoothed_logits(constant, 1.0).numpy(), constant.numpy(), atol=1e-6)
+    step = torch.zeros((2, 16, 16))
+    step[0, :, :8], step[1, :, 8:] = 5.0, 5.0
+    assert np.array_equal(class_map(smoothed_logits(step, 2.0)), class_map(step))
+
+
+def test_segment_instances_applies_the_settings_smoothing_to_the_net_output():
+    from medseg.inference.predict import segment_instances
+
+    disc, logits = _noisy_disc_logits(seed=4)
+    settings = InferenceSettings(roi_size=(64, 64), overlap=0.25, min_object_size=0, fill_holes=True)
+    identity = torch.nn.Identity()  # the "net" returns its input: the logits above, unchanged
+    raw = segment_instances(identity, logits.numpy(), settings, device=torch.device("cpu"))
+    smooth = segment_instances(
+        identity, logits.numpy(), replace(settings, smoothing=1.0), device=torch.device("cpu")
+    )
+    assert raw.max() > 100 and smooth.max() == 1
+    iou = [((labels > 0) & disc).sum() / ((labels > 0) | disc).sum() for labels in (raw, smooth)]
+    assert iou[1] > 0.95 > 0.6 > iou[0]
