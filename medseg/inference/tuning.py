@@ -83,7 +83,8 @@ stage compares them as it compares best and last weights). Measured on the shipp
 (3 seeds each, σ 0 / 1 / 2 / 3): on MSC's noisy frames the nets leave ragged edges and specks, and
 σ 1 raises validation OP_CSB on two seeds of three (0.751 → 0.784, 0.722 → 0.762; the third
 0.758 → 0.753), test SEG 0.613 → 0.622 as chosen. On GOWT1 validation moves by under 0.002
-either way. σ 2 and 3 beat σ 1 on validation once in six nets (by 0.002), so they are not tried."""
+either way. σ 2 and 3, on the same nets, beat σ 1 on validation on three nets of six by at most
+0.003 and lost by up to 0.017; each candidate costs one more full choice, so they are not tried."""
 
 SEED_SPLIT_FRACTIONS = (0.4, 0.3, 0.2)
 """Candidate smallest pieces that split a seed of a boundary net (``predict.layered_seeds``), as
