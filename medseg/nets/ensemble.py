@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-_FLOOR = 1e-8  # log(0) guard: a class no member predicts stays finite
+PROBABILITY_FLOOR = 1e-8
+"""log(0) guard for averaged or smoothed probabilities: a class nothing predicts stays finite."""
 
 
 class FoldEnsemble(torch.nn.Module):
@@ -27,7 +28,7 @@ class FoldEnsemble(torch.nn.Module):
         total = self.members[0](image).softmax(dim=1)
         for member in self.members[1:]:
             total = total + member(image).softmax(dim=1)
-        return (total / len(self.members)).clamp_min(_FLOOR).log()
+        return (total / len(self.members)).clamp_min(PROBABILITY_FLOOR).log()
 
 
 def ensemble_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
