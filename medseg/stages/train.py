@@ -337,6 +337,7 @@ def _summary(params: TrainParams, folds: list[int | None], results: list[Any]) -
         "train/final_loss": float(np.mean([r.history[-1]["train/loss"] for r in results])),
         "train/best_epoch": float(first.best_epoch),
         "train/epochs_run": float(max(r.epochs_run for r in results)),
+        "train/steps_run": float(max(r.steps_run for r in results)),
         "train/world_size": float(first.world_size),
         "train/resumed_from_epoch": float(first.resumed_from),
         "train/steps_per_s": float(np.mean([r.steps_per_s for r in results])),

@@ -68,6 +68,11 @@ class TrainResult:
         """Epochs completed (fewer than asked when early stopping ended the run)."""
         return int(self.history[-1]["epoch"]) if self.history else 0
 
+    @property
+    def steps_run(self) -> int:
+        """Optimiser steps taken per rank (fewer than a budget's steps when its minutes cut the run)."""
+        return int(sum(row["train/steps"] for row in self.history))
+
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -335,7 +340,8 @@ class _Clock:
         """Record the epoch; with a minutes budget, fit the schedule and say when to stop.
 
         The schedule is fitted after epoch 1, or for a compiled run after epoch 2 on that
-        epoch's time (the first holds the compile).
+        epoch's time (the first holds the compile), never past the epochs a steps budget beside
+        the minutes bought.
 
         Raises:
             StageError: the first epoch and its validation alone took longer than the budget.

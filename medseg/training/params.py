@@ -46,12 +46,15 @@ class AugmentParams(Params):
 
 
 class TrainBudget(Params):
-    """How much training to buy: optimiser ``steps`` (reproducible) or wall-clock ``minutes``.
+    """How much training to buy: optimiser ``steps`` (reproducible), wall-clock ``minutes``, or both.
 
     The schedule (learning rate over epochs, the last validation) fits the budget instead of
     ``train.epochs``. ``steps`` becomes a whole number of epochs; ``minutes`` is measured on
     the first epoch (training and validation; a compiled run: the second, as the first holds the
-    compile) and the rest is fitted to it, so two runs may differ by an epoch. Every run records
+    compile) and the rest is fitted to it, so two runs may differ by an epoch. With both, the
+    steps plan the run and the minutes cap it: where the steps fit in the minutes the run is the
+    steps-only run, bit for bit; on a machine too slow for them the schedule is fitted to the
+    minutes as above (``train/steps_run`` then falls short of the steps). Every run records
     ``train/steps_per_s``, so a steps budget can be set from a minutes run on the same machine.
     """
 
@@ -59,9 +62,9 @@ class TrainBudget(Params):
     minutes: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _one(self) -> TrainBudget:
-        if (self.steps is None) == (self.minutes is None):
-            raise ValueError("give either steps or minutes")
+    def _given(self) -> TrainBudget:
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give steps, minutes or both")
         return self
 
 
@@ -135,7 +138,7 @@ class TrainParams(Params):
     the numbers differ from eager ones in the low bits, and runs stay reproducible for a seed. Each
     epoch then drops its last partial batch, so that one compiled graph serves every step;
     validation and inference run uncompiled. Not under ``torchrun``.
-    ``budget`` replaces ``epochs`` by a number of optimiser steps or minutes (``TrainBudget``).
+    ``budget`` replaces ``epochs`` by a number of optimiser steps, minutes or both (``TrainBudget``).
     ``folds`` > 1 trains a k-fold cross-validation over the pooled train and val cases (each
     fold validates on its own cases; the budget is per fold) and keeps all fold models as one
     ensemble that averages their probabilities.

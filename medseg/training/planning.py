@@ -20,7 +20,8 @@ sized for the machine at hand):
   when not even 2 fit;
 - ``border_width`` from the median object diameter;
 - the schedule: a ``budget`` of ``planning.steps`` optimiser steps unless the workflow sets
-  ``epochs`` or a budget; unless ``epochs`` is set, ``epoch_repeats`` so an epoch has about
+  ``epochs`` or a budget (a budget of steps and minutes is planned from its steps: the minutes
+  only cap the run); unless ``epochs`` is set, ``epoch_repeats`` so an epoch has about
   ``planning.steps_per_epoch`` steps (fewer when a small steps budget would otherwise validate
   less than ``planning.validations`` times); ``val_every`` for about ``planning.validations``
   validations;
@@ -339,10 +340,10 @@ def plan_training(
     repeats = update.get("epoch_repeats", params.epoch_repeats)
     samples = max(1, train_cases) * repeats
     step_seconds = trial.seconds_per_patch * batch * spi
-    if budget is not None and budget.minutes is not None:
-        steps_expected = budget.minutes * 60 / max(step_seconds, 1e-9)
-    elif budget is not None and budget.steps is not None:
+    if budget is not None and budget.steps is not None:  # minutes beside steps only cap the run
         steps_expected = budget.steps
+    elif budget is not None and budget.minutes is not None:
+        steps_expected = budget.minutes * 60 / max(step_seconds, 1e-9)
     else:
         steps_expected = params.epochs * math.ceil(samples / batch)
     megavoxels = steps_expected * batch * spi * math.prod(patch) / 1e6
@@ -351,12 +352,12 @@ def plan_training(
         update={"batch_size": batch, "compile": update.get("compile", params.compile)}
     )
     per_epoch = steps_per_epoch(samples, compiled, 1)
-    if budget is not None and budget.minutes is not None:
-        epochs_expected = max(1, int(budget.minutes * 60 / max(step_seconds * per_epoch, 1e-9)))
-        choose("epochs", UNTIL_BUDGET)
-    elif budget is not None and budget.steps is not None:
+    if budget is not None and budget.steps is not None:
         epochs_expected = max(1, round(budget.steps / per_epoch))
         choose("epochs", epochs_expected)
+    elif budget is not None and budget.minutes is not None:
+        epochs_expected = max(1, int(budget.minutes * 60 / max(step_seconds * per_epoch, 1e-9)))
+        choose("epochs", UNTIL_BUDGET)
     else:
         epochs_expected = params.epochs
     choose("val_every", max(1, epochs_expected // planning.validations))

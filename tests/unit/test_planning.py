@@ -11,7 +11,7 @@ import torch
 from medseg.errors import ConfigError
 from medseg.io.fingerprint import Fingerprint, FingerprintBuilder
 from medseg.training.params import PlanningParams, TrainParams
-from medseg.training.planning import plan_strides, plan_training, trial_step
+from medseg.training.planning import UNTIL_BUDGET, plan_strides, plan_training, trial_step
 
 CPU = torch.device("cpu")
 
@@ -127,6 +127,22 @@ def test_compile_is_planned_from_the_run_s_patch_voxels_when_a_compiler_builds()
         assert not plan_training(fingerprint, TrainParams(), train_cases=14, device=CPU).params.compile
     assert can_compile(CPU)
     assert not can_compile(torch.device("meta"))  # only CPU processes are planned to compile
+
+
+def test_a_budget_of_steps_and_minutes_is_planned_from_its_steps():
+    fingerprint = _cells_fingerprint()
+    for steps in (40, 1200):
+        alone = plan_training(fingerprint, TrainParams(budget={"steps": steps}), train_cases=14, device=CPU)
+        # A minute is far too short for 1 200 steps here; it caps the run and changes no planned value.
+        capped = TrainParams(budget={"steps": steps, "minutes": 1.0})
+        both = plan_training(fingerprint, capped, train_cases=14, device=CPU)
+        assert {k: v for k, v in both.values.items() if k != "budget"} == {
+            k: v for k, v in alone.values.items() if k != "budget"
+        }
+        assert both.params.epochs == alone.params.epochs < UNTIL_BUDGET
+        assert both.facts["expected_epochs"] == alone.facts["expected_epochs"]
+    minutes = plan_training(fingerprint, TrainParams(budget={"minutes": 1.0}), train_cases=14, device=CPU)
+    assert minutes.params.epochs == UNTIL_BUDGET  # minutes alone: the run stops when they are spent
 
 
 def test_loggable_leaves_out_what_the_plan_decides():

@@ -505,8 +505,32 @@ def test_budgets_too_small_for_one_validation_are_refused():
         train(tiny_params(budget={"steps": 3}, val_every=2))
     with pytest.raises(StageError, match=r"train.budget.minutes=1e-05 is too small for one epoch"):
         train(tiny_params(budget={"minutes": 0.00001}))
-    with pytest.raises(ValueError, match="give either steps or minutes"):
-        tiny_params(budget={"steps": 10, "minutes": 5})
+    with pytest.raises(ValueError, match="give steps, minutes or both"):
+        tiny_params(budget={})
+
+
+def test_minutes_beside_steps_cap_the_run_and_leave_it_alone_where_the_steps_fit(monkeypatch):
+    import itertools
+
+    import medseg.training.loop as loop
+
+    def ten_seconds_an_epoch() -> None:  # the run's clock: read at its start, then once per epoch
+        ticks = itertools.count(0.0, 10.0)
+        monkeypatch.setattr(loop.time, "monotonic", lambda: next(ticks))
+
+    # 9 steps buy 4 epochs of 2 steps (as a steps budget alone); 60 s hold 6 epochs at 10 s each.
+    steps_only, epochs = train(tiny_params(epochs=50, budget={"steps": 9}))
+    assert epochs == [1, 2, 3, 4]
+    ten_seconds_an_epoch()
+    roomy, epochs = train(tiny_params(epochs=50, budget={"steps": 9, "minutes": 1.0}))
+    assert epochs == [1, 2, 3, 4] and roomy.steps_run == 8
+    assert same_weights(steps_only.last_state_dict, roomy.last_state_dict)
+    assert roomy.history == steps_only.history
+    # 30 s hold 3 epochs: the schedule is refitted to them and still ends at a learning rate of 0.
+    ten_seconds_an_epoch()
+    capped, epochs = train(tiny_params(epochs=50, budget={"steps": 9, "minutes": 0.5}))
+    assert epochs == [1, 2, 3] and capped.steps_run == 6
+    assert capped.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_compiled_run_fits_a_minutes_budget_on_its_second_epoch(tmp_path, monkeypatch):
