@@ -1,8 +1,9 @@
 """Touching-cell separation: boundary-aware training vs plain foreground, same CPU budget.
 
 Runs the shipped GOWT1 example as committed (``workflows/examples/gowt1_unet2d.yaml``: real Cell
-Tracking Challenge data, every annotated frame, its steps budget, the other training values
-planned from the data) once per variant, changing only the target and the loss:
+Tracking Challenge data, every annotated frame, its steps budget — cut short by its minutes only
+on a machine too slow for the steps —, the other training values planned from the data) once per
+variant, changing only the target and the loss:
 
 - ``foreground`` + Dice/CE: instances are connected components of the foreground;
 - ``foreground`` + Dice + the U-Net paper's border-weighted CE (w0 = 10, σ = 5 px);
