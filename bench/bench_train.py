@@ -84,7 +84,7 @@ def medseg_loop(cases: list[TrainingCase], params: TrainParams, folder: Path) ->
         checkpoint=folder / CHECKPOINT_FILE,
     )
     (folder / CHECKPOINT_FILE).unlink()
-    return int(sum(entry["train/steps"] for entry in result.history))
+    return result.steps_run
 
 
 def _sync(device: torch.device) -> None:
