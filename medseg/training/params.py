@@ -190,7 +190,19 @@ class TrainParams(Params):
 
     def loggable(self) -> dict[str, Any]:
         """The params for tracking, without planned values left unset (the plan logs those as ``plan.*``)."""
-        data = super().loggable()
+        return self._without_unset_planned(super().loggable())
+
+    def keyed(self) -> dict[str, Any]:
+        """The params for the cache key, without planned values left unset.
+
+        A planned value left to the plan and the same key set to its default are two runs
+        (the plan may choose another value: ``target`` unset is planned ``boundary`` for
+        instance labels, ``target: foreground`` is the default), so they must not share a key.
+        """
+        return self._without_unset_planned(super().keyed())
+
+    def _without_unset_planned(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` (these params as JSON data) without the ``PLANNED`` keys this model leaves unset."""
         for key in PLANNED:
             section, _, name = key.partition(".")
             if not name and section not in self.model_fields_set:

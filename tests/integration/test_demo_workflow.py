@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 import medseg
 from medseg.demo import write_phantom_ctc
 from medseg.runner.cache import ARTIFACT_FILE
+from medseg.training.params import TrainParams
 from tests.integration.helpers import FAST_TRAIN, child_runs, spy_on_stages, write_workflow
 
 pytestmark = pytest.mark.integration
@@ -21,6 +22,27 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     data = write_phantom_ctc(root / "source-data", frames=10, size=64, seed=5)
     return root, data
+
+
+def test_a_planned_value_set_to_its_default_is_its_own_training(study, tmp_path):
+    """``train.target`` left to the plan and set to its default are two trainings, not one cache entry."""
+    _, data = study
+    workspace = tmp_path / "ws"
+    params = {"ingest": {"train_on": "all"}, "train": FAST_TRAIN}
+    planned = medseg.run_workflow(
+        write_workflow(tmp_path, data, name="planned", params=params, experiment="keys"), workspace=workspace
+    )
+    default = TrainParams.model_fields["target"].default
+    set_params = {**params, "train": {**FAST_TRAIN, "target": default}}
+    chosen = medseg.run_workflow(
+        write_workflow(tmp_path, data, name="set", params=set_params, experiment="keys"), workspace=workspace
+    )
+    assert chosen.executed == ["train", "postprocess", "evaluate", "export"] and chosen.cached == ["ingest"]
+    models = [run.outputs["train"]["model"] for run in (planned, chosen)]
+    plans = [json.loads((model / "plan.json").read_text()) for model in models]
+    assert (plans[0]["values"]["target"], plans[0]["origins"]["target"]) == ("boundary", "planned")
+    assert (plans[1]["values"]["target"], plans[1]["origins"]["target"]) == ("foreground", "set")
+    assert default == "foreground"
 
 
 def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 
 from medseg.errors import ConfigError
 from medseg.io.fingerprint import Fingerprint, FingerprintBuilder
+from medseg.nets.unet import NetParams
 from medseg.training.params import PlanningParams, TrainParams
 from medseg.training.planning import UNTIL_BUDGET, plan_strides, plan_training, trial_step
 
@@ -150,6 +151,19 @@ def test_loggable_leaves_out_what_the_plan_decides():
     logged = params.loggable()
     assert logged["patch_size"] == [64, 64] and "batch_size" not in logged and "target" not in logged
     assert "channels" not in logged["net"] and logged["optim"]["lr"] == 0.01
+
+
+def test_cache_key_tells_a_planned_value_left_unset_from_one_set_to_its_default():
+    unset = TrainParams.model_validate({"optim": {"lr": 0.01}})
+    channels = list(NetParams().channels)
+    defaults = TrainParams.model_validate(
+        {"optim": {"lr": 0.01}, "target": "foreground", "net": {"channels": channels}}
+    )
+    assert (unset.target, unset.net.channels) == (defaults.target, defaults.net.channels)
+    assert "target" not in unset.keyed() and "channels" not in unset.keyed()["net"]
+    assert defaults.keyed()["target"] == "foreground" and defaults.keyed()["net"]["channels"] == channels
+    assert unset.keyed() != defaults.keyed() and unset.keyed()["optim"]["lr"] == 0.01
+    assert unset.keyed() == TrainParams.model_validate({"optim": {"lr": 0.01}}).keyed()
 
 
 def test_memory_budget_too_small_even_for_the_smallest_patch_is_a_clear_error():
