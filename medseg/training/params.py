@@ -201,14 +201,28 @@ class TrainParams(Params):
         """
         return self._without_unset_planned(super().keyed())
 
-    def _without_unset_planned(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` (these params as JSON data) without the ``PLANNED`` keys this model leaves unset."""
+    def explicit_planned(self) -> set[str]:
+        """The dotted keys of ``PLANNED`` that the workflow or pipeline set; the plan decides the rest."""
+        explicit: set[str] = set()
         for key in PLANNED:
             section, _, name = key.partition(".")
-            if not name and section not in self.model_fields_set:
-                data.pop(section, None)
-            elif name and (section not in self.model_fields_set or name not in self.net.model_fields_set):
+            if section not in self.model_fields_set:
+                continue
+            if not name or name in getattr(self, section).model_fields_set:
+                explicit.add(key)
+        return explicit
+
+    def _without_unset_planned(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` (these params as JSON data) without the ``PLANNED`` keys this model leaves unset."""
+        explicit = self.explicit_planned()
+        for key in PLANNED:
+            section, _, name = key.partition(".")
+            if key in explicit:
+                continue
+            if name:
                 data[section].pop(name, None)
+            else:
+                data.pop(section, None)
         return data
 
     @model_validator(mode="after")

@@ -109,14 +109,6 @@ class Plan:
         return {f"plan.{key}": value for key, value in self.values.items()}
 
 
-def explicit_keys(params: TrainParams) -> set[str]:
-    """The dotted keys of ``PLANNED`` that the workflow or pipeline set."""
-    keys = {key for key in PLANNED if "." not in key and key in params.model_fields_set}
-    if "net" in params.model_fields_set:
-        keys |= {f"net.{name}" for name in ("channels", "strides") if name in params.net.model_fields_set}
-    return keys
-
-
 def _default_patch_cap(spatial_dims: int) -> int:
     return 256**2 if spatial_dims == 2 else 64**3
 
@@ -267,7 +259,7 @@ def plan_training(
 
     """
     planning = params.planning
-    fixed = explicit_keys(params)
+    fixed = params.explicit_planned()
     update: dict[str, Any] = {}
 
     def choose(key: str, value: Any) -> None:
