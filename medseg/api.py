@@ -20,7 +20,7 @@ from medseg.io.volume import Volume
 from medseg.metrics.evaluate import CaseMetrics, EvaluationSummary, evaluate_case, summarize
 from medseg.registry import Broken, Origin, registries
 from medseg.runner.contract import ProgressCallback
-from medseg.runner.engine import Runner
+from medseg.runner.engine import Runner, warning_tag
 from medseg.runner.outcome import PlannedStage, RunOutcome, StageEvent
 from medseg.runner.spec import ResolvedWorkflow, load_workflow
 from medseg.runner.workspace import Workspace
@@ -57,6 +57,9 @@ class WorkflowResult:
             the stages that ran for any seed.
         review_link: the MLflow UI address fragment (after the server URL) of the experiment's
             runs table with the ``eval/*`` columns; ``None`` without MLflow tracking.
+        warnings: what a reviewer must know about the outcome, ``<stage>: <warning>`` each
+            (``seed <n>: <stage>: ...`` for a workflow with ``seeds``), as the runs' tag
+            ``medseg.warning`` holds them: a training the budget's minutes cut short of its steps.
 
     """
 
@@ -70,6 +73,7 @@ class WorkflowResult:
     seconds: dict[str, float] = field(default_factory=dict)
     repeats: dict[int, WorkflowResult] = field(default_factory=dict)
     review_link: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def model_registry(tracking_uri: str) -> ModelResolver:
@@ -282,6 +286,7 @@ def _result(outcome: RunOutcome, tracking_uri: str) -> WorkflowResult:
         cached=[stage.name for stage in outcome.stages if stage.cache_hit],
         outputs={stage.name: stage.outputs for stage in outcome.stages},
         seconds={stage.name: stage.seconds for stage in outcome.stages},
+        warnings=outcome.warnings,
     )
 
 
@@ -346,7 +351,8 @@ def _run_seeds(
     tracker.log_params(parent, {"seeds": list(resolved.seeds), "seed": resolved.seed})
     tracker.log_metrics(parent, spread)
     what = f"ran {', '.join(ran)}" if ran else "all cached"
-    tracker.set_tags(parent, {"mlflow.runName": f"{title} · {what}"})
+    warnings = [f"seed {seed}: {warning}" for seed, result in repeats.items() for warning in result.warnings]
+    tracker.set_tags(parent, {"mlflow.runName": f"{title} · {what}", **warning_tag(warnings)})
     tracker.end_run(parent, "FINISHED")
     return WorkflowResult(
         workflow=resolved.name,
@@ -356,6 +362,7 @@ def _run_seeds(
         executed=ran,
         cached=[name for name in names if name not in executed],
         repeats=repeats,
+        warnings=warnings,
     )
 
 

@@ -293,6 +293,8 @@ def _print_result(result: Any) -> None:
     executed = ", ".join(result.executed) or "none"
     console.print(f"stages executed: {executed}; cached: {', '.join(result.cached) or 'none'}")
     console.print(f"MLflow parent run {result.parent_run_id} in {_display_uri(result.tracking_uri)}")
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     _print_review(result)
 
 

@@ -34,12 +34,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+StopReason = Literal["schedule", "patience", "minutes"]
+"""What ended a training run: its last scheduled epoch, early stopping, or a minutes budget."""
+
+
 class TrainingRecord(_Section):
     """How the weights were trained (``best_val``: the ``select_on`` measure at ``best_epoch``).
 
     ``planned`` names the train params the dataset's plan decided (the others were set by the
     workflow or pipeline); their values are in the card (``net``, ``inference``) and in the
-    model's ``plan.json``.
+    model's ``plan.json``. ``stopped_by`` says what ended the training: its last scheduled epoch,
+    early stopping (``patience``) or the minutes of its budget (``minutes``; beside a steps budget,
+    the run was cut short of its steps). A fold ensemble: ``minutes`` if they cut any fold.
     """
 
     dataset_digest: str = ""
@@ -53,6 +59,7 @@ class TrainingRecord(_Section):
     loss: str = ""
     seed: int = 0
     steps_per_s: float | None = None
+    stopped_by: StopReason = "schedule"
     planned: tuple[str, ...] = ()
 
 

@@ -155,3 +155,12 @@ class Stage(ABC, Generic[P]):
         self, context: StageContext, params: P, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
     ) -> dict[str, float]:
         """Run the stage: read ``inputs``, write ``outputs`` (directories), return summary metrics."""
+
+    def warnings(self, metrics: Mapping[str, float]) -> list[str]:
+        """What a reviewer must be told about an outcome, read from its summary ``metrics``.
+
+        Read from the metrics (not kept by ``execute``) so that a cache hit tells it again. The
+        runner tags the stage run and the workflow's run ``medseg.warning`` with each, and the
+        command line prints them; none by default.
+        """
+        return []

@@ -13,7 +13,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,7 @@ class Runner:
                 "medseg.stages_executed": ",".join(executed) or "none",
                 "medseg.cache_hits": str(len(outcome.stages) - len(executed)),
                 "mlflow.runName": f"{job.name} · {_what_ran(outcome)}",
+                **warning_tag(outcome.warnings),
             },
         )
         return outcome
@@ -322,11 +323,12 @@ class Runner:
             },
         )
         job.tracker.log_metrics(run_id, manifest.metrics)
+        warnings = _warn(job, stage, run_id, manifest.metrics)
         job.tracker.end_run(run_id, "FINISHED")
         job.notify(stage.name, "cached")
         outputs = self.outputs(manifest.key, stage)
         return StageOutcome(
-            stage.name, manifest.key, True, run_id, manifest.run_id, manifest.metrics, 0.0, outputs
+            stage.name, manifest.key, True, run_id, manifest.run_id, manifest.metrics, 0.0, outputs, warnings
         )
 
     def _execute(self, job: _Job, stage: ResolvedStage, key: str, resolved: Resolved) -> StageOutcome:
@@ -350,11 +352,14 @@ class Runner:
             ) from exc
         seconds = time.perf_counter() - started
         job.tracker.log_metrics(run_id, {**manifest.metrics, f"{stage.name}/seconds": seconds})
+        warnings = _warn(job, stage, run_id, manifest.metrics)
         job.tracker.end_run(run_id, "FINISHED")
         job.lease.end_stage(key)
         job.notify(stage.name, f"done in {seconds:.1f} s")
         outputs = self.outputs(key, stage)
-        return StageOutcome(stage.name, key, False, run_id, run_id, manifest.metrics, seconds, outputs)
+        return StageOutcome(
+            stage.name, key, False, run_id, run_id, manifest.metrics, seconds, outputs, warnings
+        )
 
     def _open_stage_run(self, job: _Job, stage: ResolvedStage, key: str) -> str:
         """The stage's run: a killed run's, when its checkpoint is still there to resume, else a new one."""
@@ -393,6 +398,19 @@ class Runner:
             self.cache.commit(staged, manifest)
         shutil.rmtree(scratch, ignore_errors=True)
         return manifest
+
+
+def _warn(job: _Job, stage: ResolvedStage, run_id: str, metrics: Mapping[str, float]) -> tuple[str, ...]:
+    """The stage's warnings on these metrics, tagged on its run."""
+    warnings = tuple(stage.spec.warnings(metrics))
+    if warnings:
+        job.tracker.set_tags(run_id, warning_tag(warnings))
+    return warnings
+
+
+def warning_tag(warnings: Sequence[str]) -> dict[str, str]:
+    """The ``medseg.warning`` tag of a run: its warnings, one per line (no tag without any)."""
+    return {"medseg.warning": "\n".join(warnings)[:5000]} if warnings else {}
 
 
 def _what_ran(outcome: RunOutcome) -> str:

@@ -34,6 +34,7 @@ class StageOutcome:
     metrics: dict[str, float]
     seconds: float
     outputs: dict[str, Path]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -56,3 +57,8 @@ class RunOutcome:
         for stage in self.stages:
             merged.update(stage.metrics)
         return merged
+
+    @property
+    def warnings(self) -> list[str]:
+        """Every stage's warnings, each as ``<stage>: <warning>``."""
+        return [f"{stage.name}: {warning}" for stage in self.stages for warning in stage.warnings]

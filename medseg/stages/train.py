@@ -17,7 +17,7 @@ from medseg.training.params import TrainParams
 from medseg.training.targets import IGNORED
 
 if TYPE_CHECKING:
-    from medseg.inference.card import ModelCard
+    from medseg.inference.card import ModelCard, StopReason
     from medseg.training.planning import Plan
 
 PLAN_FILE = "plan.json"
@@ -161,6 +161,7 @@ def model_card(
             loss=params.loss.name,
             seed=context.seed,
             steps_per_s=round(result.steps_per_s, 3),
+            stopped_by=result.stopped_by,
             planned=planned,
         ),
     )
@@ -170,7 +171,7 @@ class Train(Stage[TrainParams]):
     """The ``train`` stage (see ``execute``)."""
 
     name = "train"
-    version = 8
+    version = 9
     params = TrainParams
     inputs = ports(dataset=Kind.DATASET)
     outputs = ports(model=Kind.MODEL)
@@ -211,7 +212,10 @@ class Train(Stage[TrainParams]):
         best, last = results[0].state_dict, results[0].last_state_dict
         if params.folds > 1:
             training = card.training.model_copy(
-                update={"best_val": float(np.mean([r.best_metric for r in results]))}
+                update={
+                    "best_val": float(np.mean([r.best_metric for r in results])),
+                    "stopped_by": _stopped_by(results),
+                }
             )
             card = card.model_copy(update={"folds": params.folds, "training": training})
             best = ensemble_state([r.state_dict for r in results])
@@ -227,6 +231,24 @@ class Train(Stage[TrainParams]):
         (model / "history.json").write_text(json.dumps(_mean_history(results), indent=2))
         (model / PLAN_FILE).write_text(json.dumps(plan.as_document(), indent=2))
         return _summary(params, [fold for fold, _, _ in runs], results)
+
+    def warnings(self, metrics: Mapping[str, float]) -> list[str]:
+        """A run that a budget's minutes cut before the steps it planned (``train/cut_by_minutes``)."""
+        if not metrics.get("train/cut_by_minutes"):
+            return []
+        return [
+            f"the minutes of train.budget ended training after {metrics['train/steps_run']:.0f} of "
+            f"{metrics['train/steps_planned']:.0f} planned optimiser steps "
+            f"({metrics['train/steps_per_s']:.2f} steps/s on this machine): the model is trained less "
+            "than planned and its figures are not the plan's; raise train.budget.minutes, lower "
+            "train.budget.steps or train on a faster device"
+        ]
+
+
+def _stopped_by(results: list[Any]) -> StopReason:
+    """What ended a fold ensemble's training: ``minutes``, ``patience`` if either ended any fold."""
+    reasons = {result.stopped_by for result in results}
+    return "minutes" if "minutes" in reasons else "patience" if "patience" in reasons else "schedule"
 
 
 def fold_runs(index: DatasetIndex, folds: int, seed: int) -> list[tuple[int | None, list[str], list[str]]]:
@@ -343,6 +365,9 @@ def _summary(params: TrainParams, folds: list[int | None], results: list[Any]) -
         "train/steps_per_s": float(np.mean([r.steps_per_s for r in results])),
         f"train/{best}": float(np.mean([r.best_metric for r in results])),
     }
+    if params.budget is not None and params.budget.steps is not None:  # minutes beside steps cap them
+        summary["train/steps_planned"] = float(params.budget.steps)
+        summary["train/cut_by_minutes"] = float(_stopped_by(results) == "minutes")
     if len(results) > 1:
         summary["train/folds"] = float(len(results))
         summary.update(

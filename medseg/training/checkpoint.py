@@ -17,11 +17,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import torch
 
 from medseg.errors import StageError
+from medseg.inference.card import StopReason
 
 CHECKPOINT_FILE = "last_epoch.pt"
 
@@ -40,6 +41,8 @@ class TrainState:
         stale: validations since the best one (for early stopping).
         fitted_epochs: the epochs a minutes budget fitted after epoch 1 (0: none fitted).
         seconds: wall seconds of training so far, over every session of the run.
+        stopped_by: ``patience`` or ``minutes`` once either ended the run before its last
+            epoch (a resumed run then trains no further); ``schedule`` until then.
 
     """
 
@@ -51,6 +54,7 @@ class TrainState:
     stale: int = 0
     fitted_epochs: int = 0
     seconds: float = 0.0
+    stopped_by: StopReason = "schedule"
 
 
 def save_checkpoint(
@@ -78,6 +82,7 @@ def save_checkpoint(
         "stale": state.stale,
         "fitted_epochs": state.fitted_epochs,
         "seconds": state.seconds,
+        "stopped_by": state.stopped_by,
         "params": json.dumps(params, sort_keys=True),
     }
     temporary = path.with_suffix(".tmp")
@@ -124,4 +129,10 @@ def load_checkpoint(
         stale=int(payload["stale"]),
         fitted_epochs=int(payload.get("fitted_epochs", 0)),
         seconds=float(payload.get("seconds", 0.0)),
+        stopped_by=_stop_reason(payload.get("stopped_by", "schedule")),
     )
+
+
+def _stop_reason(value: object) -> StopReason:
+    """A checkpoint's ``stopped_by`` (``schedule`` in one written before it was kept)."""
+    return cast(StopReason, value) if value in get_args(StopReason) else "schedule"

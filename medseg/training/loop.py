@@ -20,6 +20,7 @@ import torch
 
 from medseg.collective import Collective, broadcast_flag, current, mean_over_ranks
 from medseg.errors import ConfigError, DataError, StageError
+from medseg.inference.card import StopReason
 from medseg.inference.predict import segment_instances
 from medseg.metrics.evaluate import evaluate_case, summarize
 from medseg.nets.unet import build_net
@@ -52,7 +53,12 @@ class TrainingCase:
 
 @dataclass
 class TrainResult:
-    """Best and last weights, the per-epoch history of metrics, and optimiser steps per second."""
+    """Best and last weights, the per-epoch history of metrics, and optimiser steps per second.
+
+    ``stopped_by`` says what ended the run: its last scheduled epoch, early stopping
+    (``patience``) or the minutes of its budget (before the epochs a steps budget bought, the run
+    is cut short; a minutes-only budget always ends this way).
+    """
 
     state_dict: dict[str, torch.Tensor]
     last_state_dict: dict[str, torch.Tensor]
@@ -62,6 +68,7 @@ class TrainResult:
     resumed_from: int = 0
     world_size: int = 1
     steps_per_s: float = 0.0
+    stopped_by: StopReason = "schedule"
 
     @property
     def epochs_run(self) -> int:
@@ -262,12 +269,17 @@ def train_segmentation(
     resumed_from, rank, world = session.state.epoch, session.collective.rank, session.collective.world_size
     dataset = _dataset(train_cases, params)
     clock = _Clock(params, session.state)
-    for epoch in range(session.state.epoch + 1, params.epochs + 1):
+    # A run that stopped early stays stopped when a checkpoint written at its stop is resumed.
+    first = params.epochs + 1 if session.state.stopped_by != "schedule" else session.state.epoch + 1
+    for epoch in range(first, params.epochs + 1):
         metrics = _run_epoch(session, dataset, seed, epoch)
-        stop = rank == 0 and _validate_epoch(
+        patience = rank == 0 and _validate_epoch(
             session.net, val_cases, session.params, session.device, epoch, metrics, session.state
         )
-        stop = clock.lap(session, epoch, metrics) or stop
+        timed = clock.lap(session, epoch, metrics)
+        stop = patience or timed
+        if rank == 0 and stop and epoch < params.epochs:
+            session.state.stopped_by = "patience" if patience else "minutes"
         session.state.epoch = epoch
         session.state.history.append({"epoch": float(epoch), **metrics})
         if rank == 0:
@@ -277,10 +289,23 @@ def train_segmentation(
                 session.save(checkpoint)
         if broadcast_flag(stop, world):
             break
+    return _result(session, resumed_from, clock.rate)
+
+
+def _result(session: _Session, resumed_from: int, steps_per_s: float) -> TrainResult:
+    """The run's result from its session: best and last weights, history, what ended it."""
     state, last = session.state, _copy_state(session.net)
     best = state.best_state or last
     return TrainResult(
-        best, last, state.best_epoch, state.best_metric, state.history, resumed_from, world, clock.rate
+        best,
+        last,
+        state.best_epoch,
+        state.best_metric,
+        state.history,
+        resumed_from,
+        session.collective.world_size,
+        steps_per_s,
+        state.stopped_by,
     )
 
 

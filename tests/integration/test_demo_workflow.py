@@ -12,7 +12,14 @@ import medseg
 from medseg.demo import write_phantom_ctc
 from medseg.runner.cache import ARTIFACT_FILE
 from medseg.training.params import TrainParams
-from tests.integration.helpers import FAST_TRAIN, child_runs, spy_on_stages, write_workflow
+from tests.integration.helpers import (
+    FAST_TRAIN,
+    child_runs,
+    clean_env,
+    run_cli,
+    spy_on_stages,
+    write_workflow,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +52,50 @@ def test_a_planned_value_set_to_its_default_is_its_own_training(study, tmp_path)
     assert default == "foreground"
 
 
+def test_a_training_the_minutes_cut_short_is_called_out_wherever_it_shows(study, tmp_path, monkeypatch):
+    """Steps planned, minutes cut, two seeds: results, runs' tags, cards and a cached rerun say so."""
+    import itertools
+    from types import SimpleNamespace
+
+    import yaml
+
+    import medseg.training.loop as loop
+
+    _, data = study
+    workspace = tmp_path / "ws"
+    ticks = itertools.count(0.0, 10.0)  # training's clock, read at its start and once per epoch
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    budget = {"steps": 40, "minutes": 0.5}  # at 10 s an epoch the minutes hold 3 epochs
+    train = {key: value for key, value in FAST_TRAIN.items() if key != "epochs"}
+    params = {"ingest": {"train_on": "all"}, "train": {**train, "budget": budget}}
+    workflow = write_workflow(tmp_path, data, name="capped", params=params, experiment="cap")
+    workflow.write_text(yaml.safe_dump({**yaml.safe_load(workflow.read_text()), "seeds": [0, 1]}))
+    result = medseg.run_workflow(workflow, workspace=workspace)
+    client = MlflowClient(result.tracking_uri)
+    for seed, repeat in result.repeats.items():
+        steps_run = repeat.metrics["train/steps_run"]
+        assert repeat.metrics["train/cut_by_minutes"] == 1.0
+        assert steps_run < repeat.metrics["train/steps_planned"] == 40
+        (warning,) = repeat.warnings  # one warning, the train stage's
+        assert warning.startswith(f"train: the minutes of train.budget ended training after {steps_run:.0f} ")
+        assert f"seed {seed}: {warning}" in result.warnings
+        card = json.loads((repeat.outputs["train"]["model"] / "model.json").read_text())
+        assert card["training"]["stopped_by"] == "minutes"
+        parent = client.get_run(repeat.parent_run_id)
+        assert parent.data.tags["medseg.warning"] == warning
+        runs = child_runs(client, parent.info.experiment_id, repeat.parent_run_id)
+        assert runs["train"].data.tags["medseg.warning"] == warning.removeprefix("train: ")
+        assert "medseg.warning" not in runs["evaluate"].data.tags
+    assert len(result.warnings) == 2
+    assert client.get_run(result.parent_run_id).data.tags["medseg.warning"] == "\n".join(result.warnings)
+
+    rerun = run_cli("run", str(workflow), "--workspace", str(workspace), env=clean_env(COLUMNS="400"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "stages executed: none" in rerun.stderr
+    for warning in result.warnings:
+        assert f"warning: {warning}" in " ".join(rerun.stderr.split())
+
+
 def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
     root, data = study
     calls = spy_on_stages(monkeypatch)
@@ -56,6 +107,7 @@ def test_run_rerun_partial_rerun_and_mlflow_tree(study, monkeypatch):
 
     first = medseg.run_workflow(workflow, workspace=workspace)
     assert first.executed == ["ingest", "train", "postprocess", "evaluate", "export"]
+    assert first.warnings == []
     for key in ("eval/seg", "eval/iou", "eval/dice"):
         assert 0.0 <= first.metrics[key] <= 1.0
     assert first.metrics["eval/n_cases"] == 2.0

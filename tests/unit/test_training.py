@@ -357,10 +357,15 @@ def test_cases_read_from_disk_train_exactly_like_cases_in_memory():
     assert same_weights(in_memory.last_state_dict, from_disk.last_state_dict)
 
 
-def test_early_stopping_ends_the_run():
-    result, epochs = train(tiny_params(epochs=30, patience=1, optim={"lr": 1e-9}, schedule="constant"))
+def test_early_stopping_ends_the_run_and_a_resumed_run_stays_stopped(tmp_path):
+    params = tiny_params(epochs=30, patience=1, optim={"lr": 1e-9}, schedule="constant")
+    result, epochs = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
     assert len(epochs) < 30 and result.epochs_run == len(epochs)
-    assert result.best_epoch == 1
+    assert result.best_epoch == 1 and result.stopped_by == "patience"
+    # A kill after the stop's checkpoint, before the stage kept the model: the rerun trains no further.
+    again, more = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
+    assert more == [] and again.stopped_by == "patience" and again.history == result.history
+    assert same_weights(again.last_state_dict, result.last_state_dict)
 
 
 def test_patch_larger_than_image_names_the_case():
@@ -526,11 +531,44 @@ def test_minutes_beside_steps_cap_the_run_and_leave_it_alone_where_the_steps_fit
     assert epochs == [1, 2, 3, 4] and roomy.steps_run == 8
     assert same_weights(steps_only.last_state_dict, roomy.last_state_dict)
     assert roomy.history == steps_only.history
+    assert (steps_only.stopped_by, roomy.stopped_by) == ("schedule", "schedule")
     # 30 s hold 3 epochs: the schedule is refitted to them and still ends at a learning rate of 0.
     ten_seconds_an_epoch()
-    capped, epochs = train(tiny_params(epochs=50, budget={"steps": 9, "minutes": 0.5}))
+    capped_params = tiny_params(epochs=50, budget={"steps": 9, "minutes": 0.5})
+    capped, epochs = train(capped_params)
     assert epochs == [1, 2, 3] and capped.steps_run == 6
     assert capped.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+    assert capped.stopped_by == "minutes"
+
+
+def test_the_train_stage_warns_when_the_minutes_cut_the_steps_short(monkeypatch):
+    import itertools
+
+    import medseg.training.loop as loop
+    from medseg.stages.train import STAGE, _summary
+
+    # 9 steps buy 4 epochs of 2 steps; at 10 s an epoch, 30 s hold 3 of them, 60 s all 4.
+    runs = {}
+    for minutes in (0.5, 1.0):
+        ticks = itertools.count(0.0, 10.0)
+        monkeypatch.setattr(loop.time, "monotonic", lambda ticks=ticks: next(ticks))
+        params = tiny_params(epochs=50, budget={"steps": 9, "minutes": minutes})
+        runs[minutes] = _summary(params, [None], [train(params)[0]])
+    cut, whole = runs[0.5], runs[1.0]
+    assert (cut["train/cut_by_minutes"], cut["train/steps_planned"]) == (1.0, 9.0)
+    assert cut["train/steps_run"] == 6.0
+    assert (whole["train/cut_by_minutes"], whole["train/steps_run"]) == (0.0, 8.0)
+    (warning,) = STAGE.warnings(cut)
+    assert warning.startswith("the minutes of train.budget ended training after 6 of 9 planned optimiser")
+    assert "raise train.budget.minutes, lower train.budget.steps" in warning
+    assert STAGE.warnings(whole) == []
+    # A minutes budget alone buys what its minutes hold: ending there is its plan, not a cut.
+    ticks = itertools.count(0.0, 10.0)
+    monkeypatch.setattr(loop.time, "monotonic", lambda: next(ticks))
+    minutes_only = tiny_params(epochs=50, budget={"minutes": 0.5})
+    result, _ = train(minutes_only)
+    assert result.stopped_by == "minutes"
+    assert "train/cut_by_minutes" not in _summary(minutes_only, [None], [result])
 
 
 def test_a_compiled_run_fits_a_minutes_budget_on_its_second_epoch(tmp_path, monkeypatch):
@@ -572,3 +610,4 @@ def test_a_minutes_budget_fits_epochs_once_and_a_resumed_run_keeps_them(tmp_path
     assert resumed.resumed_from == 1 and epochs == [2, 3]
     assert same_weights(uninterrupted.last_state_dict, resumed.last_state_dict)
     assert uninterrupted.history == resumed.history
+    assert uninterrupted.stopped_by == resumed.stopped_by == "minutes"
