@@ -256,10 +256,10 @@ def _run_rank0(path: Path, workspace: Path, tracking_uri: str | None, collective
         )
 
 
-def _print_result(result: Any) -> None:
+def metrics_table(result: Any) -> Table:
+    """The run's headline metrics: a value each, or for several seeds mean ± sd and each seed's."""
     table = Table(title=f"{result.workflow}: metrics", show_header=True)
     table.add_column("metric")
-    table.add_column("value", justify="right")
     shown = (
         "eval/seg",
         "eval/det",
@@ -282,10 +282,16 @@ def _print_result(result: Any) -> None:
             if f"{key}_mean" in result.metrics:
                 spread = f"{result.metrics[f'{key}_mean']:.4f} ± {result.metrics[f'{key}_sd']:.4f}"
                 table.add_row(key, spread, *(f"{result.metrics[f'seed_{s}/{key}']:.4f}" for s in seeds))
+        return table
+    table.add_column("value", justify="right")
     for key in (*shown, *sorted(key for key in result.metrics if key.startswith("predict/"))):
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")
-    Console().print(table)
+    return table
+
+
+def _print_result(result: Any) -> None:
+    Console().print(metrics_table(result))
     if result.outputs:
         last = list(result.outputs)[-1]
         for name, path in result.outputs[last].items():
