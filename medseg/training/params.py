@@ -98,7 +98,11 @@ class PlanningParams(Params):
     ``compile_min_megavoxels`` million patch voxels or more through the net (steps × patches per
     step × voxels per patch). On 2 CPU cores an eager step costs about 0.86 s per million patch
     voxels and compiling saves about a third of it, so the one-off compile (about a minute) pays
-    back from about 250 (the GOWT1 example: 629, the MSC one: 315, BraTS 3D: 118).
+    back from about 250 (the GOWT1 example and the same file on MSC: 1 049, BraTS 3D: 118).
+    ``max_patches`` (8) and ``steps`` (2 500) trade patches per step for steps: on 2 CPU cores the
+    GOWT1 example trained 8 patches × 2 000 steps in 0.61× the time of 16 × 1 200 and scored the
+    same (test SEG 0.929 ± 0.003 against 0.927 ± 0.005 over 3 seeds; ``bench/RESULTS.md``,
+    ``seeds``).
     """
 
     memory_gib: float = Field(2.0, gt=0)
@@ -107,8 +111,8 @@ class PlanningParams(Params):
     max_channels: int = Field(256, ge=1)
     max_levels: int = Field(6, ge=2)
     min_feature_size: int = Field(4, ge=1)
-    max_patches: int = Field(16, ge=2)
-    steps: int = Field(1500, ge=1)
+    max_patches: int = Field(8, ge=2)
+    steps: int = Field(2500, ge=1)
     steps_per_epoch: int = Field(25, ge=1)
     validations: int = Field(10, ge=1)
     compile_min_megavoxels: float = Field(250.0, gt=0)
