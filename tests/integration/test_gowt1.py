@@ -62,7 +62,7 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     planned = set(logged["plan.planned"].split(","))
     assert {"net.channels", "target", "border_width"} <= planned and "patch_size" not in planned
     plan = json.loads((result.outputs["train"]["model"] / "plan.json").read_text())
-    assert plan["origins"]["epochs"] == "set" and plan["values"]["batch_size"] == 2
+    assert plan["origins"]["epochs"] == "set" and plan["values"]["batch_size"] == 4
     card = json.loads((result.outputs["export"]["export"] / "model_card.json").read_text())
     assert set(card["training"]["planned"]) == planned
 
