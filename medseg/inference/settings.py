@@ -8,6 +8,9 @@ from typing import Literal
 TargetKind = Literal["foreground", "boundary"]
 """What a net predicts: background/object, or background/interior/border."""
 
+BorderKind = Literal["all", "touching"]
+"""Which object pixels a ``boundary`` target marks as border (``training.targets.boundary_target``)."""
+
 
 @dataclass(frozen=True)
 class InferenceSettings:

@@ -36,11 +36,19 @@ class IntensityStats(Params):
     p99_5: float
 
 
+RIM_WIDTHS = (1, 2, 3, 4)
+"""Rim widths (voxels) ``ObjectStats.rim_split`` is measured at: the border widths a plan picks from."""
+
+
 class ObjectStats(Params):
     """Sizes of the labelled objects (instances, or connected components of binary labels).
 
     Sizes are in voxels of the ingested grid; ``diameter_median`` is the diameter (voxels) of a
-    disc (2D) or ball (3D) of the median size.
+    disc (2D) or ball (3D) of the median size. ``rim_split`` (instance labels only, else empty)
+    holds, for each rim width of ``RIM_WIDTHS``, the fraction of objects whose inner part
+    (:func:`inner_voxels`) is not one connected piece: thin parts (necks, protrusions narrower
+    than twice the rim) cut it into several, or the object is all rim. Such objects lose their
+    shape under a target that marks every object edge as border (``train.borders``).
     """
 
     count: int
@@ -49,6 +57,7 @@ class ObjectStats(Params):
     size_median: float
     size_p95: float
     diameter_median: float
+    rim_split: tuple[float, ...] = ()
 
 
 class Fingerprint(Params):
@@ -80,6 +89,45 @@ class Fingerprint(Params):
     objects: ObjectStats | None = None
 
 
+def inner_voxels(instances: np.ndarray, width: int) -> np.ndarray:
+    """Object voxels with no other label (background or another object) within ``width`` voxels.
+
+    The window is a cube (square in 2D) of side 2 · ``width`` + 1, clipped at the array's edge
+    (``nearest``: the edge itself is no boundary).
+
+    Args:
+        instances: integer labels ``(*spatial)``, 0 background.
+        width: rim width in voxels (≥ 1).
+
+    Returns:
+        bool ``(*spatial)``.
+
+    """
+    size = 2 * width + 1
+    highest = ndimage.maximum_filter(instances, size=size, mode="nearest")
+    lowest = ndimage.minimum_filter(instances, size=size, mode="nearest")
+    return (instances > 0) & (highest == lowest)
+
+
+def rim_split_objects(instances: np.ndarray, width: int) -> int:
+    """How many objects whose inner voxels at rim ``width`` are not one connected piece.
+
+    Args:
+        instances: integer labels ``(*spatial)``, 0 background.
+        width: rim width in voxels (:func:`inner_voxels`).
+
+    Returns:
+        The number of objects with no inner voxel or with several inner pieces.
+
+    """
+    pieces, count = ndimage.label(inner_voxels(instances, width))
+    objects = np.unique(instances[instances > 0])
+    # A piece lies inside one object: inner voxels of two objects are never neighbours.
+    owners = ndimage.maximum(instances, pieces, np.arange(1, count + 1)) if count else []
+    per_object = np.bincount(np.asarray(owners, np.int64), minlength=int(instances.max()) + 1)
+    return int(np.count_nonzero(per_object[objects] != 1))
+
+
 def _stats(samples: list[np.ndarray]) -> IntensityStats | None:
     values = np.concatenate(samples) if samples else np.empty(0)
     if values.size == 0:
@@ -99,6 +147,7 @@ class FingerprintBuilder:
         self.background: list[list[np.ndarray]] = []
         self.class_voxels: dict[int, int] = {}
         self.object_sizes: list[np.ndarray] = []
+        self.rim_split = np.zeros(len(RIM_WIDTHS), np.int64)
         self.objects_per_case: list[int] = []
         self.channels = 0
         self.modality: str | None = None
@@ -148,6 +197,8 @@ class FingerprintBuilder:
         sizes = sizes[sizes > 0]
         self.object_sizes.append(sizes)
         self.objects_per_case.append(int(sizes.size))
+        if instances and sizes.size:
+            self.rim_split += [rim_split_objects(label, width) for width in RIM_WIDTHS]
 
     def foreground_stats(self) -> IntensityStats | None:
         """Statistics of the first channel's labelled voxels over every case so far (None: none)."""
@@ -180,6 +231,9 @@ class FingerprintBuilder:
                 size_median=median,
                 size_p95=float(np.percentile(sizes, 95)),
                 diameter_median=round(diameter, 2),
+                rim_split=tuple(round(float(n) / sizes.size, 4) for n in self.rim_split)
+                if self.instances
+                else (),
             )
         total = sum(self.class_voxels.values())
         fore = [_stats(samples) for samples in self.foreground]

@@ -13,7 +13,7 @@ class Ingest(Stage[IngestParams]):
     """The ``ingest`` stage (see ``execute``)."""
 
     name = "ingest"
-    version = 10
+    version = 11
     params = IngestParams
     inputs = ports(source=Kind.SOURCE)
     outputs = ports(dataset=Kind.DATASET)

@@ -155,7 +155,7 @@ def prepare_sample(case: TrainingCase, params: TrainParams) -> dict[str, np.ndar
     (``augment.known_centres``).
     """
     image, instances = case.load()
-    target = make_target(instances, params.target, params.border_width)
+    target = make_target(instances, params.target, params.border_width, params.borders)
     sample = {"image": image, "label": target, **known_centres(target)}
     if params.loss.weighted:
         known = np.maximum(instances, 0)

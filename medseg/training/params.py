@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medseg.inference.settings import InferenceSettings, TargetKind
+from medseg.inference.settings import BorderKind, InferenceSettings, TargetKind
 from medseg.nets.unet import NetParams
 from medseg.params import Params
 from medseg.training.losses import LossParams
@@ -78,6 +78,7 @@ PLANNED = (
     "batch_size",
     "samples_per_image",
     "border_width",
+    "borders",
     "budget",
     "epochs",
     "epoch_repeats",
@@ -103,6 +104,10 @@ class PlanningParams(Params):
     GOWT1 example trained 8 patches × 2 000 steps in 0.61× the time of 16 × 1 200 and scored the
     same (test SEG 0.929 ± 0.003 against 0.927 ± 0.005 over 3 seeds; ``bench/RESULTS.md``,
     ``seeds``).
+    ``rim_split_limit``: ``borders: touching`` is planned when more than this fraction of the
+    objects lose their shape under an all-round border rim of the planned width (the
+    fingerprint's ``objects.rim_split``: MSC's irregular cells 0.652 at 3 px, GOWT1's nuclei 0.0
+    at 2 px).
     """
 
     memory_gib: float = Field(2.0, gt=0)
@@ -113,6 +118,7 @@ class PlanningParams(Params):
     min_feature_size: int = Field(4, ge=1)
     max_patches: int = Field(8, ge=2)
     steps: int = Field(2500, ge=1)
+    rim_split_limit: float = Field(0.1, ge=0, le=1)
     steps_per_epoch: int = Field(25, ge=1)
     validations: int = Field(10, ge=1)
     compile_min_megavoxels: float = Field(250.0, gt=0)
@@ -159,6 +165,7 @@ class TrainParams(Params):
     loss: LossParams = Field(default_factory=LossParams)
     target: TargetKind = "foreground"
     border_width: int = Field(2, ge=1)
+    borders: BorderKind = "all"
     epochs: int = Field(20, ge=1)
     budget: TrainBudget | None = None
     batch_size: int = Field(4, ge=1)

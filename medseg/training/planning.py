@@ -18,7 +18,10 @@ sized for the machine at hand):
   step on the device says fit in ``planning.memory_gib`` (at least 2; at most
   ``planning.max_patches`` and 5 % of the dataset's voxels, as nnU-Net), shrinking the patch
   when not even 2 fit;
-- ``border_width`` from the median object diameter;
+- ``border_width`` from the median object diameter; ``borders`` (which object edges are border
+  in the ``boundary`` target) ``touching`` — only the bands between touching objects — when an
+  all-round rim of that width would cut more than ``planning.rim_split_limit`` of the objects'
+  interiors into pieces or leave them none (thin, irregular cells), else ``all``;
 - the schedule: a ``budget`` of ``planning.steps`` optimiser steps unless the workflow sets
   ``epochs`` or a budget (a budget of steps and minutes is planned from its steps: the minutes
   only cap the run); unless ``epochs`` is set, ``epoch_repeats`` so an epoch has about
@@ -43,7 +46,8 @@ import torch
 
 from medseg.collective import current
 from medseg.errors import ConfigError
-from medseg.io.fingerprint import Fingerprint
+from medseg.inference.settings import BorderKind
+from medseg.io.fingerprint import RIM_WIDTHS, Fingerprint, ObjectStats
 from medseg.nets.unet import axis_divisors
 from medseg.params import Params
 from medseg.training.params import PLANNED, PlanningParams, TrainBudget, TrainParams
@@ -239,6 +243,19 @@ def _json(value: Any) -> Any:
     return value
 
 
+def _borders(objects: ObjectStats, width: int, planning: PlanningParams) -> BorderKind:
+    """``touching`` when an all-round rim of ``width`` voxels would cut too many objects' interiors.
+
+    ``objects.rim_split`` holds, per rim width of ``RIM_WIDTHS``, the fraction of objects whose
+    inner part is not one piece; beyond ``planning.rim_split_limit`` the plan marks only the
+    borders between touching objects. No rim statistics (class labels) or a width past
+    ``RIM_WIDTHS``: ``all``.
+    """
+    if width not in RIM_WIDTHS or len(objects.rim_split) != len(RIM_WIDTHS):
+        return "all"
+    return "touching" if objects.rim_split[RIM_WIDTHS.index(width)] > planning.rim_split_limit else "all"
+
+
 def plan_training(
     fingerprint: Fingerprint,
     params: TrainParams,
@@ -273,6 +290,8 @@ def plan_training(
     choose("select_on", "seg" if target == "boundary" else "dice")
     if fingerprint.objects is not None:
         choose("border_width", int(min(4, max(1, round(fingerprint.objects.diameter_median / 30)))))
+        width = update.get("border_width", params.border_width)
+        choose("borders", _borders(fingerprint.objects, width, planning))
     spacing = fingerprint.spacing_median if len(fingerprint.spacing_median) == dims else (1.0,) * dims
     cap = planning.max_patch_voxels or _default_patch_cap(dims)
     start = params.patch_size if "patch_size" in fixed else fingerprint.shape_median
@@ -372,6 +391,7 @@ def plan_training(
         "spacing_median": list(fingerprint.spacing_median),
         "shape_median": list(fingerprint.shape_median),
         "object_diameter_median": fingerprint.objects.diameter_median if fingerprint.objects else None,
+        "object_rim_split": list(fingerprint.objects.rim_split) if fingerprint.objects else None,
     }
     return Plan(resolved, values, origins, facts)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from medseg.inference.settings import TargetKind
+from medseg.inference.settings import BorderKind, TargetKind
+from medseg.io.fingerprint import inner_voxels
 
 BACKGROUND, INTERIOR, BORDER = 0, 1, 2
 IGNORED = -1
@@ -30,24 +31,36 @@ def foreground_target(instances: np.ndarray) -> np.ndarray:
     return (instances > 0).astype(np.uint8)[None]
 
 
-def boundary_target(instances: np.ndarray, border_width: int = 2) -> np.ndarray:
+def boundary_target(instances: np.ndarray, border_width: int = 2, borders: BorderKind = "all") -> np.ndarray:
     """Three-class target ``(1, *spatial)`` uint8: background 0, interior 1, border 2.
 
-    A pixel of an object is *border* when another label (background or a neighbouring
-    object) lies within ``border_width`` pixels (a cube/square window), so touching objects
-    are separated by a band of border pixels that the post-processing splits along.
+    ``borders: all``: a pixel of an object is *border* when another label (background or a
+    neighbouring object) lies within ``border_width`` pixels (a cube/square window), so
+    touching objects are separated by a band of border pixels that the post-processing splits
+    along, and every object has a rim. ``borders: touching``: only another *object* within
+    ``border_width`` pixels makes a border pixel — the bands between touching (or nearly
+    touching) objects; an object's edge against background stays interior, so a thin part of
+    an object (narrower than 2 · ``border_width`` + 1) stays interior instead of cutting the
+    object's interior into pieces that post-processing would grow into separate objects.
     """
-    size = 2 * border_width + 1
-    highest = ndimage.maximum_filter(instances, size=size, mode="nearest")
-    lowest = ndimage.minimum_filter(instances, size=size, mode="nearest")
     inside = instances > 0
+    if borders == "all":
+        other = ~inner_voxels(instances, border_width)
+    else:
+        size = 2 * border_width + 1
+        objects_only = np.where(inside, instances, np.iinfo(instances.dtype).max)
+        lowest = ndimage.minimum_filter(objects_only, size=size, mode="nearest")
+        highest = ndimage.maximum_filter(instances, size=size, mode="nearest")
+        other = (highest > instances) | (lowest < instances)
     target = np.zeros(instances.shape, np.uint8)
     target[inside] = INTERIOR
-    target[inside & (highest != lowest)] = BORDER
+    target[inside & other] = BORDER
     return target[None]
 
 
-def make_target(instances: np.ndarray, kind: TargetKind, border_width: int = 2) -> np.ndarray:
+def make_target(
+    instances: np.ndarray, kind: TargetKind, border_width: int = 2, borders: BorderKind = "all"
+) -> np.ndarray:
     """The class target ``(1, *spatial)`` uint8 of ``kind``; ``IGNORED`` voxels get ``IGNORE_CLASS``.
 
     Unknown voxels count as background while the classes are made (an object beside them gets
@@ -55,7 +68,9 @@ def make_target(instances: np.ndarray, kind: TargetKind, border_width: int = 2) 
     """
     unknown = instances == IGNORED
     known = np.where(unknown, 0, instances) if unknown.any() else instances
-    target = foreground_target(known) if kind == "foreground" else boundary_target(known, border_width)
+    target = (
+        foreground_target(known) if kind == "foreground" else boundary_target(known, border_width, borders)
+    )
     if unknown.any():
         target[0][unknown] = IGNORE_CLASS
     return target

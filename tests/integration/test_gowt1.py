@@ -59,6 +59,7 @@ def test_two_epoch_workflow_on_gowt1_is_tracked(tmp_path):
     assert logged["plan.net.strides"] == "[2, 2, 2, 2, 2]"  # 128 → 4 voxels
     assert logged["plan.net.channels"] == "[16, 32, 64, 128, 256, 256]" and "net.channels" not in logged
     assert logged["plan.border_width"] == "2"  # median nucleus diameter 60 px
+    assert logged["plan.borders"] == "all"  # a 2 px rim leaves every nucleus one interior
     planned = set(logged["plan.planned"].split(","))
     assert {"net.channels", "target", "border_width"} <= planned and "patch_size" not in planned
     plan = json.loads((result.outputs["train"]["model"] / "plan.json").read_text())

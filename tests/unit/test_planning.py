@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from medseg.errors import ConfigError
-from medseg.io.fingerprint import Fingerprint, FingerprintBuilder
+from medseg.io.fingerprint import Fingerprint, FingerprintBuilder, inner_voxels, rim_split_objects
 from medseg.nets.unet import NetParams
 from medseg.training.params import PlanningParams, TrainParams
 from medseg.training.planning import UNTIL_BUDGET, plan_strides, plan_training, trial_step
@@ -49,6 +50,26 @@ def test_fingerprint_known_answers():
     assert fingerprint.intensity_foreground[0].mean == 50.0 and fingerprint.intensity_background[0].p50 == 5.0
 
 
+def test_rim_split_counts_the_objects_an_all_round_rim_cuts_apart_or_empties():
+    label = np.zeros((40, 60), np.int32)
+    label[5:13, 5:13] = 1  # two 8 × 8 lobes ...
+    label[8:10, 13:25] = 1  # ... joined by a neck 2 px wide
+    label[5:13, 25:33] = 1
+    label[25:31, 40:46] = 2  # a 6 × 6 square
+    assert ndimage.label(inner_voxels(label, 1) & (label == 1))[1] == 2
+    assert rim_split_objects(label, 1) == 1  # the neck is all rim at 1 px already
+    assert rim_split_objects(label, 3) == 2  # and the square has no inner voxel at 3 px
+    builder = FingerprintBuilder(seed=0)
+    builder.add_labels(label, (1.0, 1.0), instances=True)
+    builder.add_labels(np.where(label == 2, 1, 0), (1.0, 1.0), instances=True)
+    objects = builder.build(spatial_dims=2, trainable_cases=2).objects
+    assert objects is not None and objects.count == 3
+    assert objects.rim_split == pytest.approx((1 / 3, 1 / 3, 1.0, 1.0), abs=1e-4)
+    builder = FingerprintBuilder(seed=0)
+    builder.add_labels(label, (1.0, 1.0), instances=False)
+    assert builder.build(spatial_dims=2, trainable_cases=1).objects.rim_split == ()  # classes
+
+
 def test_binary_labels_count_connected_components():
     builder = FingerprintBuilder(seed=0)
     label = np.zeros((8, 8, 8), np.int32)
@@ -84,6 +105,8 @@ def test_plan_fills_unset_values_and_keeps_set_ones():
     assert params.patch_size == (256, 256) and params.net.strides == (2, 2, 2, 2, 2)
     assert params.net.channels == (16, 32, 64, 128, 256, 256)
     assert params.border_width == 2  # 60 px nuclei
+    assert fingerprint.objects is not None and fingerprint.objects.rim_split == (0.0,) * 4
+    assert params.borders == "all"  # round nuclei keep one interior inside any rim
     assert params.budget is not None and params.budget.steps == PlanningParams().steps
     patches = params.batch_size * params.samples_per_image
     assert 2 <= patches <= PlanningParams().max_patches
@@ -96,6 +119,23 @@ def test_plan_fills_unset_values_and_keeps_set_ones():
     assert kept.params.net.strides == (2, 2, 2, 2, 2)  # planned for the workflow's patch: 128 → 4
     assert kept.origins["patch_size"] == "set" and kept.origins["net.channels"] == "planned"
     assert kept.params.val_every == 1
+
+
+def test_borders_are_planned_touching_where_a_rim_would_cut_the_objects_apart():
+    cells = _cells_fingerprint()
+    assert cells.objects is not None
+    necked = cells.model_copy(
+        update={"objects": cells.objects.model_copy(update={"rim_split": (0.05, 0.4, 0.6, 0.6)})}
+    )
+    small = {"patch_size": [64, 64]}  # a cheap trial step; the patch plays no part here
+    planned = plan_training(necked, TrainParams.model_validate(small), train_cases=14, device=CPU)
+    assert planned.params.border_width == 2 and planned.params.borders == "touching"  # 0.4 at 2 px
+    assert planned.origins["borders"] == "planned"
+    thin = TrainParams.model_validate({**small, "border_width": 1})
+    assert plan_training(necked, thin, train_cases=14, device=CPU).params.borders == "all"  # 0.05 at 1 px
+    rimmed = TrainParams.model_validate({**small, "borders": "all"})
+    kept = plan_training(necked, rimmed, train_cases=14, device=CPU)
+    assert kept.params.borders == "all" and kept.origins["borders"] == "set"
 
 
 def test_compile_is_planned_from_the_run_s_patch_voxels_when_a_compiler_builds():

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from medseg.demo import phantom_frame
 from medseg.errors import DataError, StageError
@@ -41,6 +42,28 @@ def test_boundary_target_marks_the_contact_and_the_rim():
     assert target[10, 8] == 1 and target[10, 17] == 1  # interiors
     assert (target[:5] == 0).all()
     assert np.count_nonzero(target == 1) == 2 * 8 * 8
+
+
+def test_touching_borders_mark_only_the_contacts_so_a_necked_object_stays_one_object():
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 3:13] = 1
+    labels[5:15, 13:23] = 2
+    labels[9:11, 23:28] = 2  # a neck 2 px wide ...
+    labels[6:14, 28:36] = 2  # ... to a second lobe of the same object
+    labels[0:2, 0:40] = 3  # a strip along the image edge, apart from the others
+    rimmed = boundary_target(labels, border_width=1)[0]
+    assert (rimmed[9:11, 23:28] == 2).all()  # the rim leaves the neck without interior ...
+    assert ndimage.label((rimmed == 1) & (labels == 2))[1] == 2  # ... so object 2 has two seeds
+    assert len(np.unique(boundary_to_instances(rimmed, min_size=1)[labels == 2])) == 2
+
+    target = boundary_target(labels, border_width=1, borders="touching")[0]
+    assert target[10, 12] == target[10, 13] == 2  # both sides of the contact line
+    assert np.count_nonzero(target == 2) == 2 * 10  # and nothing else
+    assert target[5, 8] == target[10, 25] == target[0, 0] == 1  # rims, the neck, the edge strip
+    assert ndimage.label((target == 1) & (labels == 2))[1] == 1
+    instances = boundary_to_instances(target, min_size=1)
+    assert all(len(np.unique(instances[labels == index])) == 1 for index in (1, 2, 3))
+    assert ((instances > 0) == (labels > 0)).all() and len(np.unique(instances)) == 4
 
 
 def test_boundary_post_processing_separates_touching_objects_exactly():
