@@ -37,7 +37,8 @@ class IntensityStats(Params):
 
 
 RIM_WIDTHS = (1, 2, 3, 4)
-"""Rim widths (voxels) ``ObjectStats.rim_split`` is measured at: the border widths a plan picks from."""
+"""Rim widths (voxels) ``ObjectStats.rim_split`` is measured at: the border widths a plan picks from
+(consecutive from 1: ``rim_split_objects`` grows the rim a voxel at a time)."""
 
 
 class ObjectStats(Params):
@@ -109,23 +110,36 @@ def inner_voxels(instances: np.ndarray, width: int) -> np.ndarray:
     return (instances > 0) & (highest == lowest)
 
 
-def rim_split_objects(instances: np.ndarray, width: int) -> int:
-    """How many objects whose inner voxels at rim ``width`` are not one connected piece.
+def rim_split_objects(instances: np.ndarray) -> list[int]:
+    """Per rim width of ``RIM_WIDTHS``, how many objects' inner voxels are not one connected piece.
+
+    The rims grow one voxel at a time (a 3-wide filter applied again gives the next width's
+    window: the same as :func:`inner_voxels` at each width, for a fraction of the cost).
 
     Args:
         instances: integer labels ``(*spatial)``, 0 background.
-        width: rim width in voxels (:func:`inner_voxels`).
 
     Returns:
-        The number of objects with no inner voxel or with several inner pieces.
+        For each width of ``RIM_WIDTHS`` (1, 2, 3, 4), the number of objects with no inner voxel
+        or with several inner pieces.
 
     """
-    pieces, count = ndimage.label(inner_voxels(instances, width))
-    objects = np.unique(instances[instances > 0])
-    # A piece lies inside one object: inner voxels of two objects are never neighbours.
-    owners = ndimage.maximum(instances, pieces, np.arange(1, count + 1)) if count else []
-    per_object = np.bincount(np.asarray(owners, np.int64), minlength=int(instances.max()) + 1)
-    return int(np.count_nonzero(per_object[objects] != 1))
+    inside = instances > 0
+    objects = np.unique(instances[inside])
+    highest = lowest = instances
+    counts = []
+    for _ in RIM_WIDTHS:
+        highest = ndimage.maximum_filter(highest, size=3, mode="nearest")
+        lowest = ndimage.minimum_filter(lowest, size=3, mode="nearest")
+        inner = inside & (highest == lowest)
+        pieces, count = ndimage.label(inner)
+        # A piece lies inside one object (inner voxels of two objects are never neighbours):
+        # each of its voxels names the same owner.
+        owners = np.zeros(count + 1, np.int64)
+        owners[pieces[inner]] = instances[inner]
+        per_object = np.bincount(owners[1:], minlength=int(instances.max()) + 1)
+        counts.append(int(np.count_nonzero(per_object[objects] != 1)))
+    return counts
 
 
 def _stats(samples: list[np.ndarray]) -> IntensityStats | None:
@@ -198,7 +212,7 @@ class FingerprintBuilder:
         self.object_sizes.append(sizes)
         self.objects_per_case.append(int(sizes.size))
         if instances and sizes.size:
-            self.rim_split += [rim_split_objects(label, width) for width in RIM_WIDTHS]
+            self.rim_split += rim_split_objects(label)
 
     def foreground_stats(self) -> IntensityStats | None:
         """Statistics of the first channel's labelled voxels over every case so far (None: none)."""
