@@ -99,11 +99,11 @@ class PlanningParams(Params):
     ``compile_min_megavoxels`` million patch voxels or more through the net (steps × patches per
     step × voxels per patch). On 2 CPU cores an eager step costs about 0.86 s per million patch
     voxels and compiling saves about a third of it, so the one-off compile (about a minute) pays
-    back from about 250 (the GOWT1 example and the same file on MSC: 1 049, BraTS 3D: 118).
-    ``max_patches`` (8) and ``steps`` (2 500) trade patches per step for steps: on 2 CPU cores the
+    back from about 250 (the GOWT1 example and the same file on MSC: 1 573, BraTS 3D: 118).
+    ``max_patches`` (8) and ``steps`` (3 000) trade patches per step for steps: on 2 CPU cores the
     GOWT1 example trained 8 patches × 2 000 steps in 0.61× the time of 16 × 1 200 and scored the
-    same (test SEG 0.929 ± 0.003 against 0.927 ± 0.005 over 3 seeds; ``bench/RESULTS.md``,
-    ``seeds``).
+    same (test SEG 0.929 ± 0.003 against 0.927 ± 0.005 over 3 seeds), and 3 000 steps (11–13
+    minutes) take it to 0.931 ± 0.002 and MSC to 0.681 ± 0.024 (``bench/RESULTS.md``, ``seeds``).
     ``rim_split_limit``: ``borders: touching`` is planned when more than this fraction of the
     objects lose their shape under an all-round border rim of the planned width (the
     fingerprint's ``objects.rim_split``: MSC's irregular cells 0.652 at 3 px, GOWT1's nuclei 0.0
@@ -117,7 +117,7 @@ class PlanningParams(Params):
     max_levels: int = Field(6, ge=2)
     min_feature_size: int = Field(4, ge=1)
     max_patches: int = Field(8, ge=2)
-    steps: int = Field(2500, ge=1)
+    steps: int = Field(3000, ge=1)
     rim_split_limit: float = Field(0.1, ge=0, le=1)
     steps_per_epoch: int = Field(25, ge=1)
     validations: int = Field(10, ge=1)
