@@ -171,7 +171,7 @@ class Train(Stage[TrainParams]):
     """The ``train`` stage (see ``execute``)."""
 
     name = "train"
-    version = 9
+    version = 10
     params = TrainParams
     inputs = ports(dataset=Kind.DATASET)
     outputs = ports(model=Kind.MODEL)

@@ -40,6 +40,7 @@ class TrainState:
         history: per-epoch metrics ``{"epoch": e, "train/loss": ..., "val/...": ...}``.
         stale: validations since the best one (for early stopping).
         fitted_epochs: the epochs a minutes budget fitted after epoch 1 (0: none fitted).
+        paced: whether that fit was checked again on a longer stretch of timed epochs.
         seconds: wall seconds of training so far, over every session of the run.
         stopped_by: ``patience`` or ``minutes`` once either ended the run before its last
             epoch (a resumed run then trains no further); ``schedule`` until then.
@@ -53,6 +54,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     stale: int = 0
     fitted_epochs: int = 0
+    paced: bool = False
     seconds: float = 0.0
     stopped_by: StopReason = "schedule"
 
@@ -81,6 +83,7 @@ def save_checkpoint(
         "history": state.history,
         "stale": state.stale,
         "fitted_epochs": state.fitted_epochs,
+        "paced": state.paced,
         "seconds": state.seconds,
         "stopped_by": state.stopped_by,
         "params": json.dumps(params, sort_keys=True),
@@ -128,6 +131,7 @@ def load_checkpoint(
         history=list(payload["history"]),
         stale=int(payload["stale"]),
         fitted_epochs=int(payload.get("fitted_epochs", 0)),
+        paced=bool(payload.get("paced", False)),
         seconds=float(payload.get("seconds", 0.0)),
         stopped_by=_stop_reason(payload.get("stopped_by", "schedule")),
     )

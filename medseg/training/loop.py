@@ -347,11 +347,20 @@ def _drops_partial_batch(samples: int, params: TrainParams, world: int) -> bool:
     return params.compile and samples >= params.batch_size * world
 
 
+PACE_SECONDS = 60.0
+"""Timed epochs (s) after which a minutes budget's schedule is fitted again, once.
+
+The first fit rests on one epoch (seconds on a small plan), so a moment of load on the machine
+there would cut the run; the second rests on this minute of epochs.
+"""
+
+
 class _Clock:
     """Wall-clock bookkeeping of a run: ``train/steps_per_s``, and a minutes budget's schedule."""
 
     def __init__(self, params: TrainParams, state: TrainState) -> None:
         self.started = time.monotonic()
+        self.planned_epochs = params.epochs  # what a steps budget bought: no fit goes past it
         self.before = state.seconds  # training seconds of earlier sessions (a resumed run)
         self.resumed_from = state.epoch
         self.steps = 0.0
@@ -366,7 +375,8 @@ class _Clock:
 
         The schedule is fitted after epoch 1, or for a compiled run after epoch 2 on that
         epoch's time (the first holds the compile), never past the epochs a steps budget beside
-        the minutes bought.
+        the minutes bought; it is fitted again, once, on the mean epoch of the session's first
+        ``PACE_SECONDS`` of timed epochs (up or down: a slow first epoch no longer cuts the run).
 
         Raises:
             StageError: the first epoch and its validation alone took longer than the budget.
@@ -392,9 +402,12 @@ class _Clock:
         compiled = session.params.compile
         if compiled and laps == 1:  # how long an epoch takes is known after the second
             return epoch >= session.params.epochs
-        per_epoch = (here - self.first_lap) / (laps - 1) if compiled else here / laps
-        if not session.state.fitted_epochs and laps == (2 if compiled else 1):
-            fit = max(1, min(session.params.epochs, epoch + int((self.seconds - elapsed) // per_epoch)))
+        timed = here - self.first_lap if compiled else here
+        per_epoch = timed / (laps - 1 if compiled else laps)
+        first_fit = not session.state.fitted_epochs and laps == (2 if compiled else 1)
+        if first_fit or (session.state.fitted_epochs and not session.state.paced and timed >= PACE_SECONDS):
+            session.state.paced = not first_fit
+            fit = max(epoch, min(self.planned_epochs, epoch + int((self.seconds - elapsed) // per_epoch)))
             session.state.fitted_epochs = fit
             session.params = session.params.model_copy(update={"epochs": fit})
             _set_horizon(session.scheduler, fit)

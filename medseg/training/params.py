@@ -51,11 +51,13 @@ class TrainBudget(Params):
     The schedule (learning rate over epochs, the last validation) fits the budget instead of
     ``train.epochs``. ``steps`` becomes a whole number of epochs; ``minutes`` is measured on
     the first epoch (training and validation; a compiled run: the second, as the first holds the
-    compile) and the rest is fitted to it, so two runs may differ by an epoch. With both, the
-    steps plan the run and the minutes cap it: where the steps fit in the minutes the run is the
-    steps-only run, bit for bit; on a machine too slow for them the schedule is fitted to the
-    minutes as above (``train/steps_run`` then falls short of the steps). Every run records
-    ``train/steps_per_s``, so a steps budget can be set from a minutes run on the same machine.
+    compile) and the rest is fitted to it, then fitted again, once, on the mean of the first
+    minute of timed epochs (so a moment of load during one short epoch does not cut the run), so
+    two runs may differ by an epoch. With both, the steps plan the run and the minutes cap it:
+    where the steps fit in the minutes the run is the steps-only run, bit for bit; on a machine
+    too slow for them the schedule is fitted to the minutes as above (``train/steps_run`` then
+    falls short of the steps). Every run records ``train/steps_per_s``, so a steps budget can be
+    set from a minutes run on the same machine.
     """
 
     steps: int | None = Field(None, ge=1)

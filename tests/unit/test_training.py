@@ -607,6 +607,27 @@ def test_a_compiled_run_fits_a_minutes_budget_on_its_second_epoch(tmp_path, monk
     assert epochs == [1, 2, 3] and result.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_slow_first_epoch_does_not_cut_a_run_whose_steps_fit_the_minutes(monkeypatch):
+    import medseg.training.loop as loop
+
+    def clock(*ticks: float) -> None:  # the run's clock: read at its start, then once per epoch
+        readings = iter(ticks)
+        monkeypatch.setattr(loop.time, "monotonic", lambda: next(readings))
+
+    # 9 steps buy 4 epochs of 2 steps; a minute holds them at 10 s an epoch. A 20 s first epoch
+    # (a moment of load) fits 3: alone, it cuts the run.
+    params = tiny_params(epochs=50, budget={"steps": 9, "minutes": 1.0})
+    clock(0.0, 20.0, 30.0, 40.0)
+    cut, epochs = train(params)
+    assert epochs == [1, 2, 3] and cut.stopped_by == "minutes"
+    # Timed again over 25 s of epochs (15 s each on the mean), the 4 planned epochs fit again.
+    monkeypatch.setattr(loop, "PACE_SECONDS", 25.0)
+    clock(0.0, 20.0, 30.0, 40.0, 50.0)
+    paced, epochs = train(params)
+    assert epochs == [1, 2, 3, 4] and paced.steps_run == 8 and paced.stopped_by == "schedule"
+    assert paced.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_a_minutes_budget_fits_epochs_once_and_a_resumed_run_keeps_them(tmp_path, monkeypatch):
     import itertools
 
