@@ -39,8 +39,9 @@ class TrainState:
             current weights, as in a run without validation cases).
         history: per-epoch metrics ``{"epoch": e, "train/loss": ..., "val/...": ...}``.
         stale: validations since the best one (for early stopping).
-        fitted_epochs: the epochs a minutes budget fitted after epoch 1 (0: none fitted).
-        paced: whether that fit was checked again on a longer stretch of timed epochs.
+        fitted_epochs: the epochs a minutes budget fitted after its first timed epoch, or
+            after its first ``loop.PACE_SECONDS`` of them once ``paced`` (0: none fitted).
+        paced: whether the fit was made again on that longer stretch of timed epochs.
         seconds: wall seconds of training so far, over every session of the run.
         stopped_by: ``patience`` or ``minutes`` once either ended the run before its last
             epoch (a resumed run then trains no further); ``schedule`` until then.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -537,26 +540,30 @@ def test_budgets_too_small_for_one_validation_are_refused():
         tiny_params(budget={})
 
 
-def test_minutes_beside_steps_cap_the_run_and_leave_it_alone_where_the_steps_fit(monkeypatch):
-    import itertools
+def run_clock(monkeypatch, readings: Iterable[float]) -> None:
+    """Make the training run's clock (read at its start, then once per epoch) give ``readings`` (s).
 
+    Only the training loop's ``time`` is replaced: nothing else can draw the readings.
+    """
     import medseg.training.loop as loop
 
-    def ten_seconds_an_epoch() -> None:  # the run's clock: read at its start, then once per epoch
-        ticks = itertools.count(0.0, 10.0)
-        monkeypatch.setattr(loop.time, "monotonic", lambda: next(ticks))
+    ticks = iter(readings)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+
+
+def test_minutes_beside_steps_cap_the_run_and_leave_it_alone_where_the_steps_fit(monkeypatch):
 
     # 9 steps buy 4 epochs of 2 steps (as a steps budget alone); 60 s hold 6 epochs at 10 s each.
     steps_only, epochs = train(tiny_params(epochs=50, budget={"steps": 9}))
     assert epochs == [1, 2, 3, 4]
-    ten_seconds_an_epoch()
+    run_clock(monkeypatch, itertools.count(0.0, 10.0))
     roomy, epochs = train(tiny_params(epochs=50, budget={"steps": 9, "minutes": 1.0}))
     assert epochs == [1, 2, 3, 4] and roomy.steps_run == 8
     assert same_weights(steps_only.last_state_dict, roomy.last_state_dict)
     assert roomy.history == steps_only.history
     assert (steps_only.stopped_by, roomy.stopped_by) == ("schedule", "schedule")
     # 30 s hold 3 epochs: the schedule is refitted to them and still ends at a learning rate of 0.
-    ten_seconds_an_epoch()
+    run_clock(monkeypatch, itertools.count(0.0, 10.0))
     capped_params = tiny_params(epochs=50, budget={"steps": 9, "minutes": 0.5})
     capped, epochs = train(capped_params)
     assert epochs == [1, 2, 3] and capped.steps_run == 6
@@ -565,16 +572,12 @@ def test_minutes_beside_steps_cap_the_run_and_leave_it_alone_where_the_steps_fit
 
 
 def test_the_train_stage_warns_when_the_minutes_cut_the_steps_short(monkeypatch):
-    import itertools
-
-    import medseg.training.loop as loop
     from medseg.stages.train import STAGE, _summary
 
     # 9 steps buy 4 epochs of 2 steps; at 10 s an epoch, 30 s hold 3 of them, 60 s all 4.
     runs = {}
     for minutes in (0.5, 1.0):
-        ticks = itertools.count(0.0, 10.0)
-        monkeypatch.setattr(loop.time, "monotonic", lambda ticks=ticks: next(ticks))
+        run_clock(monkeypatch, itertools.count(0.0, 10.0))
         params = tiny_params(epochs=50, budget={"steps": 9, "minutes": minutes})
         runs[minutes] = _summary(params, [None], [train(params)[0]])
     cut, whole = runs[0.5], runs[1.0]
@@ -586,8 +589,7 @@ def test_the_train_stage_warns_when_the_minutes_cut_the_steps_short(monkeypatch)
     assert "raise train.budget.minutes, lower train.budget.steps" in warning
     assert STAGE.warnings(whole) == []
     # A minutes budget alone buys what its minutes hold: ending there is its plan, not a cut.
-    ticks = itertools.count(0.0, 10.0)
-    monkeypatch.setattr(loop.time, "monotonic", lambda: next(ticks))
+    run_clock(monkeypatch, itertools.count(0.0, 10.0))
     minutes_only = tiny_params(epochs=50, budget={"minutes": 0.5})
     result, _ = train(minutes_only)
     assert result.stopped_by == "minutes"
@@ -595,14 +597,9 @@ def test_the_train_stage_warns_when_the_minutes_cut_the_steps_short(monkeypatch)
 
 
 def test_a_compiled_run_fits_a_minutes_budget_on_its_second_epoch(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    import medseg.training.loop as loop
-
-    # The run's clock (read at its start, then once per epoch): a 40 s first epoch that holds the
-    # compile, then 10 s epochs. Fitted on epoch 1, a minute would buy 1 epoch; on epoch 2, 3.
-    ticks = iter([0.0, 40.0, 50.0, 60.0, 70.0])
-    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    # A 40 s first epoch that holds the compile, then 10 s epochs. Fitted on epoch 1, a minute
+    # would buy 1 epoch; on epoch 2, 3.
+    run_clock(monkeypatch, [0.0, 40.0, 50.0, 60.0, 70.0])
     result, epochs = train(tiny_params(epochs=50, budget={"minutes": 1.0}, compile=True))
     assert epochs == [1, 2, 3] and result.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
 
@@ -610,46 +607,35 @@ def test_a_compiled_run_fits_a_minutes_budget_on_its_second_epoch(tmp_path, monk
 def test_a_slow_first_epoch_does_not_cut_a_run_whose_steps_fit_the_minutes(monkeypatch):
     import medseg.training.loop as loop
 
-    def clock(*ticks: float) -> None:  # the run's clock: read at its start, then once per epoch
-        readings = iter(ticks)
-        monkeypatch.setattr(loop.time, "monotonic", lambda: next(readings))
-
     # 9 steps buy 4 epochs of 2 steps; a minute holds them at 10 s an epoch. A 20 s first epoch
     # (a moment of load) fits 3: alone, it cuts the run.
     params = tiny_params(epochs=50, budget={"steps": 9, "minutes": 1.0})
-    clock(0.0, 20.0, 30.0, 40.0)
+    run_clock(monkeypatch, [0.0, 20.0, 30.0, 40.0])
     cut, epochs = train(params)
     assert epochs == [1, 2, 3] and cut.stopped_by == "minutes"
     # Timed again over 25 s of epochs (15 s each on the mean), the 4 planned epochs fit again.
     monkeypatch.setattr(loop, "PACE_SECONDS", 25.0)
-    clock(0.0, 20.0, 30.0, 40.0, 50.0)
+    run_clock(monkeypatch, [0.0, 20.0, 30.0, 40.0, 50.0])
     paced, epochs = train(params)
     assert epochs == [1, 2, 3, 4] and paced.steps_run == 8 and paced.stopped_by == "schedule"
     assert paced.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_minutes_budget_fits_epochs_once_and_a_resumed_run_keeps_them(tmp_path, monkeypatch):
-    import itertools
-
-    import medseg.training.loop as loop
-
-    def ten_seconds_an_epoch() -> None:  # the run's clock: read at its start, then once per epoch
-        ticks = itertools.count(0.0, 10.0)
-        monkeypatch.setattr(loop.time, "monotonic", lambda: next(ticks))
-
     params = tiny_params(epochs=50, budget={"minutes": 0.5})  # 30 s at 10 s an epoch: 3 epochs
-    ten_seconds_an_epoch()
+    run_clock(monkeypatch, itertools.count(0.0, 10.0))
     uninterrupted, epochs = train(params, checkpoint=tmp_path / CHECKPOINT_FILE)
     assert epochs == [1, 2, 3] and uninterrupted.history[-1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
 
     checkpoint = tmp_path / "interrupted" / CHECKPOINT_FILE
     checkpoint.parent.mkdir()
-    ten_seconds_an_epoch()
+    run_clock(monkeypatch, itertools.count(0.0, 10.0))
     with pytest.raises(CrashError):
         train(params, checkpoint=checkpoint, progress=crash_after_epoch_2)
     saved = torch.load(checkpoint, weights_only=True)
     assert (saved["epoch"], saved["fitted_epochs"], saved["seconds"]) == (1, 3, 10.0)
-    ten_seconds_an_epoch()  # the resumed session counts its time on top of the 10 s already spent
+    # The resumed session counts its time on top of the 10 s already spent.
+    run_clock(monkeypatch, itertools.count(0.0, 10.0))
     resumed, epochs = train(params, checkpoint=checkpoint)
     assert resumed.resumed_from == 1 and epochs == [2, 3]
     assert same_weights(uninterrupted.last_state_dict, resumed.last_state_dict)
