@@ -1,8 +1,8 @@
 """The one home of ``torch.distributed`` helpers: join the group, agree, average, leave.
 
 Used by the runner (ranks agree after each stage, see ``runner.distributed``) and by the
-training loop (early stopping, loss averaged over ranks). torch is imported only when a
-process group is in use.
+training loop (early stopping, loss averaged over ranks, rank 0's clock for a minutes budget).
+torch is imported only when a process group is in use.
 """
 
 from __future__ import annotations
@@ -35,13 +35,18 @@ def current() -> Collective:
 
 def broadcast_flag(flag: bool, world_size: int) -> bool:
     """Rank 0's ``flag`` on every rank (no-op when ``world_size`` is 1)."""
+    return bool(broadcast_value(float(flag), world_size))
+
+
+def broadcast_value(value: float, world_size: int) -> float:
+    """Rank 0's ``value`` on every rank (``value`` itself when ``world_size`` is 1)."""
     if world_size == 1:
-        return flag
+        return value
     import torch
 
-    value = torch.tensor([int(flag)])
-    torch.distributed.broadcast(value, src=0)
-    return bool(value.item())
+    held = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.broadcast(held, src=0)
+    return float(held.item())
 
 
 def broadcast_object(value: object, world_size: int) -> object:
@@ -69,8 +74,10 @@ def mean_over_ranks(value: float, world_size: int) -> float:
 def collective_from_environment(timeout_hours: float = 6.0) -> Collective:
     """Join the process group ``torchrun`` describes in the environment, if any.
 
-    ``WORLD_SIZE`` > 1 starts ``torch.distributed`` (NCCL when CUDA is available, else gloo)
-    from the ``torchrun`` variables; otherwise this is a plain single-process run. The
+    ``WORLD_SIZE`` > 1 starts ``torch.distributed`` from the ``torchrun`` variables; otherwise
+    this is a plain single-process run. With CUDA the group has two backends: NCCL for the
+    gradients (CUDA tensors) and gloo for the ranks' agreements, which travel as CPU tensors
+    (NCCL alone refuses them: "No backend type associated with device type cpu"). The
     timeout bounds how long ranks wait for rank 0 to finish a non-distributed stage (ingest).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,7 +86,7 @@ def collective_from_environment(timeout_hours: float = 6.0) -> Collective:
     import torch
 
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend, timeout=timedelta(hours=timeout_hours))
     return Collective(torch.distributed.get_rank(), torch.distributed.get_world_size())
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from medseg.collective import Collective, broadcast_flag, current, mean_over_ranks
+from medseg.collective import Collective, broadcast_flag, broadcast_value, current, mean_over_ranks
 from medseg.errors import ConfigError, DataError, StageError
 from medseg.inference.card import StopReason
 from medseg.inference.predict import segment_instances
@@ -377,12 +377,13 @@ class _Clock:
         epoch's time (the first holds the compile), never past the epochs a steps budget beside
         the minutes bought; it is fitted again, once, on the mean epoch of the session's first
         ``PACE_SECONDS`` of timed epochs (up or down: a slow first epoch no longer cuts the run).
+        Under DDP every rank reads rank 0's clock, so all fit the same schedule.
 
         Raises:
             StageError: the first epoch and its validation alone took longer than the budget.
 
         """
-        here = time.monotonic() - self.started
+        here = broadcast_value(time.monotonic() - self.started, session.collective.world_size)
         elapsed = self.before + here
         session.state.seconds = elapsed
         self.steps += metrics["train/steps"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
+import medseg.training.loop as loop
 from medseg.collective import Collective, leave
 from medseg.demo import write_phantom_ctc
 from medseg.training.checkpoint import CHECKPOINT_FILE
@@ -130,11 +133,15 @@ def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
     )
     out = Path(folder) / f"rank{rank}"
     out.mkdir()
+    # The ranks' clocks disagree: an epoch takes 10 s on rank 0 (30 s hold the 3 epochs) and
+    # 20 s on rank 1 (30 s would hold 1); each epoch reads the clock once.
+    ticks = itertools.count(0.0, 10.0 * (rank + 1))
+    loop.time = SimpleNamespace(monotonic=lambda: next(ticks))
     reported: list[int] = []
     result = train_segmentation(
         phantom_cases(4),
         phantom_cases(1, seed=10),
-        tiny_params(),
+        tiny_params(budget={"minutes": 0.5}),
         seed=3,
         on_epoch=lambda epoch, metrics: reported.append(epoch),
         progress=lambda *args: None,
@@ -145,6 +152,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
             "weights": result.last_state_dict,
             "reported": torch.tensor(reported),
             "steps": result.history[-1]["train/steps"],
+            "lr": torch.tensor([entry["train/lr"] for entry in result.history]),
         },
         out / "result.pt",
     )
@@ -159,7 +167,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
 def test_ddp_two_cpu_processes_stay_in_sync_and_only_rank0_reports(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}" / "result.pt", weights_only=True) for r in (0, 1)]
-    assert same_weights(ranks[0]["weights"], ranks[1]["weights"])  # gradients were averaged
+    # Gradients were averaged, and both ranks fitted the minutes budget on rank 0's clock.
+    assert torch.equal(ranks[0]["lr"], ranks[1]["lr"])
+    assert ranks[0]["lr"][-1].item() == pytest.approx(0.0, abs=1e-12)  # the schedule ran out
+    assert same_weights(ranks[0]["weights"], ranks[1]["weights"])
     assert ranks[0]["reported"].tolist() == [1, 2, 3] and ranks[1]["reported"].tolist() == []
     assert (tmp_path / "rank0" / CHECKPOINT_FILE).is_file()
     assert not (tmp_path / "rank1" / CHECKPOINT_FILE).exists()
