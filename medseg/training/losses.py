@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -58,7 +58,8 @@ LOSSES: Registry[LossEntry] = Registry("loss", group="medseg.losses", adapt=inst
 class LossParams(Params):
     """Training loss: ``name`` (a registered loss) and its params.
 
-    - ``dice_ce``: Dice + cross-entropy (MONAI ``DiceCELoss``).
+    - ``dice_ce``: Dice + cross-entropy (MONAI ``DiceCELoss``); own params ``batch`` and
+      ``background`` (``DiceParams``).
     - ``ce``: cross-entropy alone. Its class probabilities are calibrated: on the GOWT1 example
       its cell edges sit at probability 0.5 where Dice + cross-entropy draws cells a voxel fat
       (``bench/RESULTS.md``, post-processing).
@@ -144,33 +145,58 @@ def masked_cross_entropy(
     return (pixel * valid[:, 0]).sum() / valid.sum().clamp_min(1.0)
 
 
-def masked_dice(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+class DiceParams(Params):
+    """``dice_ce``'s own params: over what the Dice term is taken.
+
+    - ``batch``: one Dice per class over the whole batch (nnU-Net's 2D choice) instead of one
+      per case and class; a class absent from a patch then still counts its false positives.
+    - ``background``: whether the background class has a Dice term (nnU-Net leaves it out).
+    """
+
+    batch: bool = False
+    background: bool = True
+
+
+def masked_dice(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    over_batch: bool = False,
+    background: bool = True,
+) -> torch.Tensor:
     """Soft Dice loss over the valid voxels, as MONAI's ``DiceLoss(to_onehot_y, softmax)`` computes it.
 
     Per case and class (background included), 1 − (2·Σ p·t + 1e-5) / (Σ p + Σ t + 1e-5) over the
-    valid voxels, averaged; with every voxel valid it equals MONAI's value.
+    valid voxels, averaged; with every voxel valid it equals MONAI's value. ``over_batch`` sums
+    over the batch too (one term per class, MONAI's ``batch``); ``background`` false drops class 0.
     """
     import torch
 
     classes = logits.shape[1]
     probabilities = torch.softmax(logits, dim=1) * valid
     onehot = torch.nn.functional.one_hot(label[:, 0].long(), classes).movedim(-1, 1).float() * valid
-    dims = tuple(range(2, logits.ndim))
+    dims = (0, *range(2, logits.ndim)) if over_batch else tuple(range(2, logits.ndim))
     intersection = (probabilities * onehot).sum(dims)
     total = probabilities.sum(dims) + onehot.sum(dims)
-    return (1.0 - (2.0 * intersection + 1e-5) / (total + 1e-5)).mean()
+    dice = 1.0 - (2.0 * intersection + 1e-5) / (total + 1e-5)
+    return (dice if background else dice[..., 1:]).mean()
 
 
 def _dice_ce(params: LossParams) -> LossFunction:
     from monai.losses import DiceCELoss
 
-    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    options = cast(DiceParams, params.options())
+    dice_ce = DiceCELoss(
+        to_onehot_y=True, softmax=True, batch=options.batch, include_background=options.background
+    )
 
     def loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "valid" not in batch:
             return dice_ce(logits, batch["label"])
         label, valid = batch["label"], batch["valid"]
-        return masked_dice(logits, label, valid) + masked_cross_entropy(logits, label, valid)
+        dice = masked_dice(logits, label, valid, over_batch=options.batch, background=options.background)
+        return dice + masked_cross_entropy(logits, label, valid)
 
     return loss
 
@@ -208,7 +234,7 @@ def _dice_border_ce(params: LossParams) -> LossFunction:
     return loss
 
 
-LOSSES.register("dice_ce", LossEntry(_dice_ce, ignores=True))
+LOSSES.register("dice_ce", LossEntry(_dice_ce, params=DiceParams, ignores=True))
 LOSSES.register("ce", LossEntry(_ce, ignores=True))
 LOSSES.register("border_ce", LossEntry(_border_ce, weighted=True, ignores=True))
 LOSSES.register("dice_border_ce", LossEntry(_dice_border_ce, weighted=True, ignores=True))

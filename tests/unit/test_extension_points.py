@@ -70,8 +70,8 @@ def test_a_new_loss_is_one_registry_entry(focal_loss):
 
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         LossParams(name="focal", gamma=-1)
-    with pytest.raises(ValidationError, match="loss 'dice_ce' takes no parameter gamma"):
-        LossParams(name="dice_ce", gamma=2)
+    with pytest.raises(ValidationError, match="loss 'ce' takes no parameter gamma"):
+        LossParams(name="ce", gamma=2)
     with pytest.raises(ValidationError, match="unknown loss 'focl'; did you mean 'focal'"):
         LossParams(name="focl")
 

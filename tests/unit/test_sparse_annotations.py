@@ -44,6 +44,40 @@ def test_masked_losses_equal_monai_where_every_voxel_counts():
     assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, label[:, 0]))
 
 
+@pytest.mark.parametrize(("over_batch", "background"), [(True, False), (True, True), (False, False)])
+def test_dice_over_the_batch_or_without_background_equals_monai(over_batch, background):
+    logits, label = _batch()
+    valid = torch.ones_like(label, dtype=torch.float32)
+    monai = DiceLoss(to_onehot_y=True, softmax=True, batch=over_batch, include_background=background)
+    own = masked_dice(logits, label, valid, over_batch=over_batch, background=background)
+    assert torch.allclose(own, monai(logits, label))
+    # The registered loss takes the same options, with and without unknown voxels.
+    params = LossParams(name="dice_ce", batch=over_batch, background=background)
+    expected = own + torch.nn.functional.cross_entropy(logits, label[:, 0])
+    assert torch.allclose(build_loss(params)(logits, {"label": label}), expected)
+    unknown = label.clone()
+    unknown[..., 8:] = IGNORE_CLASS
+    half = masked_dice(
+        logits[..., :8], label[..., :8], valid[..., :8], over_batch=over_batch, background=background
+    )
+    half = half + torch.nn.functional.cross_entropy(logits[..., :8], label[:, 0, :, :8])
+    assert torch.allclose(build_loss(params)(logits, {"label": unknown}), half)
+
+
+def test_a_batch_dice_counts_false_positives_of_a_class_absent_from_a_patch():
+    logits, label = _batch()
+    logits, label = logits[:, :2], label.clamp(max=1)  # background and one class
+    label[1] = 0  # the class is absent from case 1
+    valid = torch.ones_like(label, dtype=torch.float32)
+    gradients = []
+    for over_batch in (False, True):
+        leaf = logits.clone().requires_grad_()
+        masked_dice(leaf, label, valid, over_batch=over_batch, background=False).backward()
+        gradients.append(leaf.grad[1].abs().max().item())
+    # Per case, an absent class's Dice is 1 - 1e-5 / (Σp + 1e-5): flat, whatever case 1 predicts.
+    assert gradients[0] < 1e-7 and gradients[1] > 1e-4
+
+
 @pytest.mark.parametrize("name", ["dice_ce", "ce", "border_ce", "dice_border_ce"])
 def test_unknown_voxels_leave_the_loss_and_get_no_gradient(name):
     logits, label = _batch(1)
