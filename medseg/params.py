@@ -51,12 +51,13 @@ def own_params(what: str, name: str, model: type[Params] | None, extra: Mapping[
     its further keys belong to that entry. Returns ``None`` for an entry without own params.
 
     Raises:
-        ValueError: keys given to an entry that takes none (``{what} '{name}' takes no
-            parameter …``), or the entry's model refuses them.
+        ValueError: keys the entry does not take (``{what} '{name}' takes no parameter …``,
+            with the ones it takes), or the entry's model refuses their values.
 
     """
-    if model is None:
-        if extra:
-            raise ValueError(f"{what} '{name}' takes no parameter {', '.join(sorted(extra))}")
-        return None
-    return model.model_validate(dict(extra))
+    own = sorted(model.model_fields) if model is not None else []
+    unknown = sorted(set(extra) - set(own))
+    if unknown:
+        takes = f"; it takes {', '.join(own)}" if own else ""
+        raise ValueError(f"{what} '{name}' takes no parameter {', '.join(unknown)}{takes}")
+    return model.model_validate(dict(extra)) if model is not None else None

@@ -72,6 +72,10 @@ def test_a_new_loss_is_one_registry_entry(focal_loss):
         LossParams(name="focal", gamma=-1)
     with pytest.raises(ValidationError, match="loss 'ce' takes no parameter gamma"):
         LossParams(name="ce", gamma=2)
+    with pytest.raises(
+        ValidationError, match="loss 'dice_ce' takes no parameter gamma; it takes background, batch"
+    ):
+        LossParams(name="dice_ce", gamma=2)
     with pytest.raises(ValidationError, match="unknown loss 'focl'; did you mean 'focal'"):
         LossParams(name="focl")
 
