@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,13 +18,12 @@ import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
-import medseg.training.loop as loop
 from medseg.collective import Collective, leave
 from medseg.demo import write_phantom_ctc
 from medseg.training.checkpoint import CHECKPOINT_FILE
 from medseg.training.loop import train_segmentation
 from tests.integration.helpers import child_runs, clean_env, run_cli, write_workflow
-from tests.unit.test_training import phantom_cases, same_weights, tiny_params
+from tests.unit.test_training import phantom_cases, run_clock, same_weights, tiny_params
 
 pytestmark = pytest.mark.integration
 
@@ -135,8 +133,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, folder: str) -> None:
     out.mkdir()
     # The ranks' clocks disagree: an epoch takes 10 s on rank 0 (30 s hold the 3 epochs) and
     # 20 s on rank 1 (30 s would hold 1); each epoch reads the clock once.
-    ticks = itertools.count(0.0, 10.0 * (rank + 1))
-    loop.time = SimpleNamespace(monotonic=lambda: next(ticks))
+    run_clock(pytest.MonkeyPatch(), itertools.count(0.0, 10.0 * (rank + 1)))  # never undone: the process ends
     reported: list[int] = []
     result = train_segmentation(
         phantom_cases(4),
