@@ -537,8 +537,13 @@ def predict(
         str, typer.Option("--format", help="nifti, dicom-seg (needs DICOM input) or tiff.")
     ] = "nifti",
     flip_tta: Annotated[
-        bool, typer.Option("--flip-tta", help="Average predictions over mirrored copies (2^dims passes).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--flip-tta/--no-flip-tta",
+            help="Average predictions over mirrored copies (2^dims passes), or never; "
+            "unset: as the model card's inference.mirror (chosen on validation).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
     executor: Annotated[
         str, typer.Option("--executor", help="local (this process) or ray (a Ray cluster: medseg[ray]).")

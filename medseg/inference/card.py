@@ -75,7 +75,9 @@ class PostprocessingRecord(_Section):
     (``weights_scores``: the chosen ``measure`` of each, None where NaN; ``weights_epoch``: the
     epoch kept, None for a fold ensemble). ``smoothing_scores``: the kept weights' chosen
     ``measure`` at each candidate smoothing of the probabilities (σ in voxels, as text; the card's
-    ``inference.smoothing`` is the one kept).
+    ``inference.smoothing`` is the one kept), with the kept mirroring. ``mirror_scores``: the kept
+    weights' best ``measure`` without (``off``) and with (``on``) test-time mirroring, each as tried
+    (the card's ``inference.mirror`` is the one kept).
     """
 
     chosen_by: str
@@ -88,6 +90,7 @@ class PostprocessingRecord(_Section):
     weights_epoch: int | None = None
     weights_scores: dict[str, float | None] = Field(default_factory=dict)
     smoothing_scores: dict[str, float | None] = Field(default_factory=dict)
+    mirror_scores: dict[str, float | None] = Field(default_factory=dict)
 
 
 class SegmentRecord(_Section):

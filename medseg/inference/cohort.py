@@ -45,7 +45,7 @@ def predict_cohort(
     output_format: OutputFormat,
     *,
     device: str = "cpu",
-    flip_tta: bool = False,
+    flip_tta: bool | None = None,
     executor: ExecutorParams | None = None,
     progress: Callable[[str, float, float, str], None] | None = None,
 ) -> list[CasePrediction]:

@@ -80,7 +80,9 @@ class CaseOutcome:
     error: str | None = None
 
 
-def segment_case(segmenter: Segmenter, source: Path, *, reference_series: bool, flip_tta: bool) -> Volume:
+def segment_case(
+    segmenter: Segmenter, source: Path, *, reference_series: bool, flip_tta: bool | None
+) -> Volume:
     """The labels of the case in ``source`` (image file or DICOM series folder); both executors call this.
 
     Raises:
@@ -100,7 +102,7 @@ def segment_cases(
     on_done: Callable[[CaseOutcome], None],
     *,
     device: str = "cpu",
-    flip_tta: bool = False,
+    flip_tta: bool | None = None,
 ) -> None:
     """Segment every job with ``model``; ``on_done`` gets each outcome on the driver.
 
@@ -197,7 +199,12 @@ class CaseWorker:
         return self.segmenter
 
     def segment(
-        self, export: list[Any], case_id: str, files: dict[str, bytes], reference_series: bool, flip_tta: bool
+        self,
+        export: list[Any],
+        case_id: str,
+        files: dict[str, bytes],
+        reference_series: bool,
+        flip_tta: bool | None,
     ) -> CaseOutcome:
         """Segment case ``case_id`` from its ``files`` (``case_files``), put in a private temporary folder."""
         segmenter = self._segmenter(export)
@@ -221,7 +228,7 @@ def _segment_on_ray(
     on_done: Callable[[CaseOutcome], None],
     *,
     device: str,
-    flip_tta: bool,
+    flip_tta: bool | None,
 ) -> None:
     from medseg._version import __version__
     from medseg.inference.segmenter import EXPORT_FILES

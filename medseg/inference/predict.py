@@ -325,9 +325,13 @@ def segment_instances(
     *,
     device: torch.device,
     sw_batch_size: int = SW_BATCH_SIZE,
-    flip_tta: bool = False,
+    flip_tta: bool | None = None,
 ) -> np.ndarray:
-    """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)``, per ``settings``."""
+    """Instance labels ``(*spatial)`` int32 for an image ``(C, *spatial)``, per ``settings``.
+
+    ``flip_tta`` True or False mirrors the image or not whatever ``settings.mirror`` says;
+    None follows it.
+    """
     logits = predict_logits(
         net,
         image,
@@ -335,7 +339,7 @@ def segment_instances(
         overlap=settings.overlap,
         device=device,
         sw_batch_size=sw_batch_size,
-        flip_tta=flip_tta,
+        flip_tta=settings.mirror if flip_tta is None else flip_tta,
     )
     classes, seeds = classes_and_seeds(smoothed_logits(logits, settings.smoothing), settings)
     del logits  # the largest array: free it before post-processing

@@ -129,7 +129,7 @@ class Segmenter:
         image: Volume | np.ndarray | str | Path,
         *,
         spacing: tuple[float, ...] | None = None,
-        flip_tta: bool = False,
+        flip_tta: bool | None = None,
     ) -> Volume:
         """Segment one image; return an int32 instance label ``Volume`` in its geometry.
 
@@ -143,7 +143,9 @@ class Segmenter:
                 series folder.
             spacing: voxel spacing in mm for array input.
             flip_tta: average the predictions of the image mirrored along every
-                combination of axes (2^spatial_dims passes).
+                combination of axes (2^spatial_dims passes) when True, never when False; None
+                (the default) does what the card's ``inference.mirror`` says (chosen on
+                validation by the postprocess stage).
 
         Raises:
             DataError: the image's dimensionality or channel count does not fit the model.

@@ -48,6 +48,10 @@ class InferenceSettings:
             probabilities before anything is read from them (``predict.smoothed_logits``): a
             net's voxel-to-voxel noise on faint, noisy images leaves ragged edges and specks;
             0 (cards before post-processing v12) leaves the probabilities as predicted.
+        mirror: predict the image and its mirrors along every combination of spatial axes
+            (4 passes in 2D, 8 in 3D: nnU-Net's test-time mirroring) and average their class
+            probabilities (``predict.predict_logits``) before anything else; chosen on validation
+            data (post-processing v13; False in earlier cards).
 
     """
 
@@ -63,6 +67,7 @@ class InferenceSettings:
     edge_shift: int = 0
     seed_split_size: int | None = None
     smoothing: float = 0.0
+    mirror: bool = False
 
     def with_postprocessing(
         self,

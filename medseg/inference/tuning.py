@@ -86,6 +86,14 @@ stage compares them as it compares best and last weights). Measured on the shipp
 either way. σ 2 and 3, on the same nets, beat σ 1 on validation on three nets of six by at most
 0.003 and lost by up to 0.017; each candidate costs one more full choice, so they are not tried."""
 
+MIRRORS = (False, True)
+"""Candidate test-time mirroring (``predict.predict_logits``'s ``flip_tta``), the first kept on
+ties: each is its own set of validation maps and its own full choice, like ``SMOOTHINGS``.
+Measured (post-processing v12 otherwise, stop 47) on the shipped example's nets at 3 000 steps:
+MSC's five seeds raise validation OP_CSB with it on every net (by 0.003–0.010) and test SEG 0.683
+→ 0.708 on the mean (0.680 / 0.706 / 0.658 / 0.712 / 0.659 → 0.714 / 0.707 / 0.691 / 0.711 /
+0.715); GOWT1's three seeds 0.931 → 0.933. It costs 2^dims passes of the net per image."""
+
 SEED_SPLIT_FRACTIONS = (0.4, 0.3, 0.2)
 """Candidate smallest pieces that split a seed of a boundary net (``predict.layered_seeds``), as
 fractions of the median training object; the first is the grid's. Measured on the GOWT1 example's
@@ -145,6 +153,7 @@ class CandidateScore:
     edge_shift: int
     seed_split_size: int | None
     smoothing: float
+    mirror: bool
     score: float
     seg: float
     det: float
@@ -491,6 +500,7 @@ def _candidate(
         edge_shift=shift,
         seed_split_size=current.seed_split_size,
         smoothing=current.smoothing,
+        mirror=current.mirror,
         score=values[measure],
         seg=summary.seg,
         det=summary.det,

@@ -4,8 +4,9 @@ The network is not changed. Its weights are linked (or copied): the training's b
 weights, or its last epoch's where those score higher on validation once each has its own
 post-processing chosen (the training's own validation scores fixed post-processing, a noisy
 guide on a few validation frames). Each weights' post-processing is chosen on its class
-probabilities as predicted and smoothed (``tuning.SMOOTHINGS``), and the best of every
-(weights, smoothing) pair is kept. The card's ``inference`` section gets the chosen values,
+probabilities as predicted and smoothed (``tuning.SMOOTHINGS``), from the image alone and
+averaged over its mirrors (``tuning.MIRRORS``), and the best of every (weights, mirroring,
+smoothing) triple is kept. The card's ``inference`` section gets the chosen values,
 with a ``postprocessing`` section saying how they were chosen and which weights were kept.
 The evaluate stage, the export (and so ``Segmenter``, ``medseg predict`` and the MLflow model)
 read them from the card, so every consumer applies the same post-processing.
@@ -45,10 +46,13 @@ class PostprocessParams(Params):
     ``train.fill_holes``) and records that they were set by hand. For a fold ensemble
     (``train.folds``) the choice is made on the out-of-fold predictions of every train and
     val case (each predicted by the fold model that did not train on it); ``split`` is unused.
+    ``mirror``: whether test-time mirroring (2^dims passes of the net per image) is chosen on
+    validation like the rest (``choose``), or always or never used.
     """
 
     search: bool = True
     split: Literal["val", "train"] = "val"
+    mirror: Literal["choose", "always", "never"] = "choose"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sw_batch_size: int = Field(4, ge=1)
 
@@ -75,7 +79,7 @@ class Postprocess(Stage[PostprocessParams]):
     """The ``postprocess`` stage (see ``execute``)."""
 
     name = "postprocess"
-    version = 12
+    version = 13
     params = PostprocessParams
     inputs = ports(dataset=Kind.DATASET, model=Kind.MODEL)
     outputs = ports(model=Kind.MODEL)
@@ -95,7 +99,7 @@ class Postprocess(Stage[PostprocessParams]):
         from medseg.inference.card import PostprocessingRecord
         from medseg.inference.model import CARD_FILE, LAST_WEIGHTS_FILE, WEIGHTS_FILE, load_model
         from medseg.inference.tuning import (
-            SMOOTHINGS,
+            MIRRORS,
             best_candidate,
             choose_postprocessing,
             training_object_sizes,
@@ -130,19 +134,24 @@ class Postprocess(Stage[PostprocessParams]):
             [read_image(folder / record.label, kind="label").array[0] for record in index.split("train")],
             instance_labels=index.instance_labels,
         )
-        choices: dict[tuple[WeightsName, float], PostprocessingChoice] = {}
+        mirrors = {"choose": MIRRORS, "always": (True,), "never": (False,)}[params.mirror]
+        choices: dict[tuple[WeightsName, bool, float], PostprocessingChoice] = {}
         for name, candidate in _candidate_weights(net, card, model_in / LAST_WEIGHTS_FILE, device).items():
-            sets = _validation_cases(
-                context, candidate, folder, records, assignment, current, device, params.sw_batch_size, name
-            )
-            for smoothing, cases in sets.items():
-                trial = replace(current, smoothing=smoothing)
-                choices[name, smoothing] = choose_postprocessing(
-                    cases, trial, object_sizes=sizes, instance_labels=index.instance_labels
+            for mirror in mirrors:
+                trial = replace(current, mirror=mirror)
+                sets = _validation_cases(
+                    context, candidate, folder, records, assignment, trial, device, params.sw_batch_size, name
                 )
-            del sets, cases  # one weights' validation maps in memory at a time
-        weights, smoothing = _best_choice(choices)
-        choice = choices[weights, smoothing]
+                for smoothing, cases in sets.items():
+                    choices[name, mirror, smoothing] = choose_postprocessing(
+                        cases,
+                        replace(trial, smoothing=smoothing),
+                        object_sizes=sizes,
+                        instance_labels=index.instance_labels,
+                    )
+                del sets, cases  # one (weights, mirroring)'s validation maps in memory at a time
+        weights, mirror, smoothing = _best_choice(choices)
+        choice = choices[weights, mirror, smoothing]
         if weights == "last":
             (model_out / WEIGHTS_FILE).unlink()
             _link_or_copy(model_in / LAST_WEIGHTS_FILE, model_out / WEIGHTS_FILE)
@@ -151,14 +160,20 @@ class Postprocess(Stage[PostprocessParams]):
             if assignment is None
             else f"out-of-fold predictions ({card.folds} folds, {len(records)} cases)"
         )
-        kept = {sigma: other for (name, sigma), other in choices.items() if name == weights}
-        baseline = kept[SMOOTHINGS[0]].baseline  # the train params: no smoothing
+        kept = {(own, sigma): other for (name, own, sigma), other in choices.items() if name == weights}
+        baseline = next(iter(kept.values())).baseline  # the train params: no smoothing, mirroring as asked
         candidates = [candidate for other in kept.values() for candidate in other.candidates]
         weights_scores = {
-            name: best_candidate([other.chosen for (own, _), other in choices.items() if own == name]).score
-            for name in dict.fromkeys(name for name, _ in choices)
+            name: best_candidate([other.chosen for (own, *_), other in choices.items() if own == name]).score
+            for name in dict.fromkeys(name for name, _, _ in choices)
         }
-        smoothing_scores = {f"{sigma:g}": other.chosen.score for sigma, other in kept.items()}
+        smoothing_scores = {
+            f"{sigma:g}": other.chosen.score for (own, sigma), other in kept.items() if own == mirror
+        }
+        mirror_scores = {
+            _on_off(own): best_candidate([other.chosen for (m, _), other in kept.items() if m == own]).score
+            for own in dict.fromkeys(own for own, _ in kept)
+        }
         record = PostprocessingRecord(
             chosen_by=where,
             measure=choice.measure,
@@ -170,6 +185,7 @@ class Postprocess(Stage[PostprocessParams]):
             weights_epoch=_weights_epoch(card, weights),
             weights_scores=weights_scores,
             smoothing_scores=smoothing_scores,
+            mirror_scores=mirror_scores,
         )
         card.model_copy(update={"inference": choice.settings, "postprocessing": record}).write(
             model_out / CARD_FILE
@@ -196,6 +212,7 @@ class Postprocess(Stage[PostprocessParams]):
                         "edge_shift",
                         "seed_split_size",
                         "smoothing",
+                        "mirror",
                     )
                 },
                 "postprocess.chosen.weights": weights,
@@ -212,6 +229,7 @@ class Postprocess(Stage[PostprocessParams]):
             **({"postprocess/weights_epoch": float(record.weights_epoch)} if record.weights_epoch else {}),
             **{f"postprocess/val_{measure}_{name}_weights": score for name, score in weights_scores.items()},
             **{f"postprocess/val_{measure}_smoothing_{sigma}": v for sigma, v in smoothing_scores.items()},
+            **{f"postprocess/val_{measure}_mirror_{state}": v for state, v in mirror_scores.items()},
         }
 
 
@@ -241,12 +259,18 @@ def _weights_epoch(card: ModelCard, weights: WeightsName) -> int | None:
     return card.training.best_epoch if weights == "best" else card.training.epochs_run
 
 
-def _best_choice(
-    choices: Mapping[tuple[WeightsName, float], PostprocessingChoice],
-) -> tuple[WeightsName, float]:
-    """The (weights, smoothing) whose chosen post-processing scores highest; the first on ties and NaN.
+def _on_off(mirror: bool) -> str:
+    """How a mirroring choice is spelt in the card's ``mirror_scores`` and in metric names."""
+    return "on" if mirror else "off"
 
-    ``choices`` are in trial order: best weights before last, no smoothing before smoothing.
+
+def _best_choice(
+    choices: Mapping[tuple[WeightsName, bool, float], PostprocessingChoice],
+) -> tuple[WeightsName, bool, float]:
+    """The (weights, mirroring, smoothing) whose chosen post-processing scores highest.
+
+    The first on ties and NaN: ``choices`` are in trial order, best weights before last, no
+    mirroring before mirroring, no smoothing before smoothing.
     """
     from medseg.inference.tuning import best_candidate
 
@@ -266,6 +290,8 @@ def _validation_cases(
     weights: WeightsName,
 ) -> dict[float, list[ValidationCase]]:
     """Predict every record (a fold ensemble: by the fold that did not train on it) for the choice.
+
+    Each image is predicted as it is, or averaged over its mirrors where ``current.mirror`` says.
 
     Returns:
         For each of ``tuning.SMOOTHINGS``, the cases' maps from probabilities smoothed by it.
@@ -294,6 +320,7 @@ def _validation_cases(
             overlap=current.overlap,
             device=device,
             sw_batch_size=sw_batch_size,
+            flip_tta=current.mirror,
         )
         for sigma, cases in sets.items():
             logits = smoothed_logits(predicted, sigma)
@@ -310,7 +337,8 @@ def _validation_cases(
                     object_classes=object_class_map(logits),
                 )
             )
-        context.progress(f"postprocess: predict ({weights} weights)", number, len(records))
+        mirrored = ", mirrored" if current.mirror else ""
+        context.progress(f"postprocess: predict ({weights} weights{mirrored})", number, len(records))
     return sets
 
 

@@ -30,14 +30,17 @@ class IngestImagesParams(Params):
 
 
 class PredictParams(Params):
-    """``flip_tta`` mirrors each image along every axis combination; ``device``: cpu, cuda...
+    """How each case is segmented: mirroring, device and executor.
+
+    ``flip_tta`` mirrors each image along every axis combination (true), never (false), or as
+    the model card's ``inference.mirror`` says (null, the default); ``device``: cpu, cuda...
 
     ``executor`` says where the cases are segmented: this process (``kind: local``, the default)
     or a Ray cluster (``kind: ray``, see ``ExecutorParams``); the outputs are the same, and the
     executor is not part of the cache key.
     """
 
-    flip_tta: bool = False
+    flip_tta: bool | None = None
     device: str = "cpu"
     executor: ExecutorParams = executor_field()
 

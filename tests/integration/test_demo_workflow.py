@@ -304,3 +304,49 @@ def test_postprocess_keeps_whichever_weights_score_higher_on_validation(study, t
     with (output / "postprocessing_candidates.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == record.candidates and {row["smoothing"] for row in rows} == {"0.0", "1.0"}
+    # ... and on the image alone and averaged over its mirrors: the card keeps the better (none
+    # on ties), and the smoothing scores are those of the kept mirroring.
+    assert set(record.mirror_scores) == {"off", "on"} and {row["mirror"] for row in rows} == {"False", "True"}
+    mirror = ModelCard.read(output / CARD_FILE).inference.mirror
+    first_best = max(record.mirror_scores.values())
+    assert mirror == (record.mirror_scores["off"] != first_best)
+    assert record.mirror_scores["on" if mirror else "off"] == record.score
+    assert metrics["postprocess/val_op_csb_mirror_on"] == record.mirror_scores["on"]
+    kept = [row for row in rows if row["mirror"] == str(mirror) and row["smoothing"] == f"{smoothing:.1f}"]
+    assert max(float(row["score"]) for row in kept) == record.score
+
+
+@pytest.mark.parametrize("mirror", ["always", "never"])
+def test_postprocess_mirrors_always_or_never_when_told_and_evaluate_follows(study, tmp_path, mirror):
+    """``postprocess.mirror`` fixes the mirroring instead of choosing it; evaluate does what the card says."""
+    import torch
+
+    from medseg.inference.card import ModelCard
+    from medseg.inference.model import CARD_FILE, load_model
+    from medseg.runner.contract import StageContext
+    from medseg.stages.evaluate import Evaluate, EvaluateParams
+    from medseg.stages.postprocess import Postprocess, PostprocessParams
+    from medseg.tracking.base import NullTracker
+
+    result, data = run_phantom(study)
+    dataset, model = result.outputs["ingest"]["dataset"], tmp_path / "model"
+    model.mkdir()
+    context = StageContext("postprocess", "k", {}, 0, NullTracker(), "r", tmp_path / "p", tmp_path / "s")
+    inputs = {"dataset": dataset, "model": result.outputs["train"]["model"]}
+    metrics = Postprocess().execute(context, PostprocessParams(mirror=mirror), inputs, {"model": model})
+    card = ModelCard.read(model / CARD_FILE)
+    state = "on" if mirror == "always" else "off"
+    assert card.inference.mirror is (mirror == "always")
+    assert list(card.postprocessing.mirror_scores) == [state]
+    assert card.postprocessing.mirror_scores[state] == card.postprocessing.score
+    assert [key for key in metrics if "_mirror_" in key] == [f"postprocess/val_op_csb_mirror_{state}"]
+    report = tmp_path / "report"
+    report.mkdir()
+    params = EvaluateParams(overlays=False, surface_distances=False)
+    Evaluate().execute(context, params, {"dataset": dataset, "model": model}, {"report": report})
+    net, _ = load_model(model, torch.device("cpu"))
+    segmenter = medseg.Segmenter(net, card, "cpu")
+    for path in sorted((report / "predictions").glob("mask*.tif")):
+        image = medseg.read_image(data / "01" / f"t{path.stem.removeprefix('mask')}.tif")
+        expected = segmenter.predict(image, flip_tta=mirror == "always").array[0]
+        np.testing.assert_array_equal(medseg.read_image(path, kind="label").array[0], expected)

@@ -211,6 +211,27 @@ def test_flip_tta_averages_over_mirrors(registered):
     assert segmenter.predict(read_image(data / "01" / "t004.tif"), flip_tta=True).array.max() > 0
 
 
+def test_a_card_that_chose_mirroring_mirrors_unless_told_not_to(registered):
+    """``inference.mirror`` (chosen by the postprocess stage) is what ``predict`` does by default."""
+    from dataclasses import replace
+
+    _, data, result = registered
+    exported = medseg.Segmenter.from_export(result.outputs["export"]["export"])
+    plain, mirroring = (
+        medseg.Segmenter(
+            exported.module,
+            exported.card.model_copy(update={"inference": replace(exported.card.inference, mirror=mirror)}),
+            "cpu",
+        )
+        for mirror in (False, True)
+    )
+    image = read_image(data / "01" / "t004.tif")
+    unmirrored, mirrored = plain.predict(image).array, plain.predict(image, flip_tta=True).array
+    assert not np.array_equal(unmirrored, mirrored)
+    np.testing.assert_array_equal(mirroring.predict(image).array, mirrored)
+    np.testing.assert_array_equal(mirroring.predict(image, flip_tta=False).array, unmirrored)
+
+
 def test_predict_cli_writes_each_case_in_its_format(registered, tmp_path):
     _, data, result = registered
     export = result.outputs["export"]["export"]
