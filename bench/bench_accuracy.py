@@ -33,6 +33,7 @@ from bench.examples import example_workflow
 from medseg.tracking.base import NullTracker
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ctc" / "Fluo-N2DH-GOWT1"
+MSC = DATA.parent / "Fluo-C2DL-MSC"
 
 
 def plain_monai(
@@ -197,3 +198,8 @@ def run(*, data: Path = DATA, train: dict[str, object] | None = None) -> list[di
             }
         )
     return rows
+
+
+def msc() -> list[dict[str, object]]:
+    """The same three on Fluo-C2DL-MSC sequence 01, the GOWT1 example untouched but for its data."""
+    return run(data=MSC)

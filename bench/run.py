@@ -34,6 +34,7 @@ BENCHMARKS = {
     "inference": bench_inference.run,
     "ray": bench_ray.run,
     "accuracy": bench_accuracy.run,
+    "accuracy_msc": bench_accuracy.msc,
     "sparse": bench_sparse.run,
     "planning_3d": bench_planning.planning_3d,
     "msc": bench_planning.msc,
